@@ -1,0 +1,1 @@
+"""Model-agnostic diffusion engine: config, schedules, objectives, samplers, training and evaluation stages."""

@@ -1,0 +1,326 @@
+"""Typed, frozen configuration mirroring params.yaml, built once at the edge.
+
+params.yaml holds every default (its `defaults:` section); a run deep-merges its own section over them. The
+loader rejects unknown keys, missing keys, wrong types and out-of-range values, naming the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A params.yaml value is missing, unknown, mistyped or out of range; the message names the key path."""
+
+
+def _range(ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None):
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt}
+
+
+def bounded(ge=None, gt=None, le=None, lt=None) -> Any:
+    """A required dataclass field whose numeric value must lie in the given range."""
+    return field(metadata=_range(ge, gt, le, lt))
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """gamma(t) from 1 at t=0 to 0 at t=1 (pix2seq `diffusion_utils`)."""
+
+    kind: Literal["cosine", "sigmoid", "linear"]
+    start: float  # sigmoid: input at t=0 (e.g. -3); cosine: t offset in [0, 1)
+    end: float  # sigmoid: input at t=1 (e.g. 3); cosine: end of the t range in (0, 1]
+    tau: float = bounded(gt=0)  # temperature (sigmoid) or power/2 (cosine); unused by linear
+
+    def __post_init__(self) -> None:
+        if self.end <= self.start:
+            raise ConfigError(f"schedule.end must be > schedule.start, got start={self.start}, end={self.end}")
+        if self.kind == "cosine" and not (0.0 <= self.start < self.end <= 1.0):
+            raise ConfigError(f"cosine schedule needs 0 <= start < end <= 1, got start={self.start}, end={self.end}")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where a dataset comes from and the tensor shape it is served at."""
+
+    source: Literal["mnist", "fashion_mnist", "cifar10", "image_folder", "video_folder", "moving_mnist"]
+    root: str  # raw data location (idx files, cifar-10-batches-py, an image or video folder)
+    resolution: int = bounded(ge=8, le=1024)  # served side length; 28x28 digits are zero-padded to 32
+    channels: Literal[1, 3]
+    num_classes: int = bounded(ge=0)  # 0 for unlabelled data
+    frames: int = bounded(ge=0)  # 0 for images, clip length for video
+    random_flip: bool  # horizontal flip at training time (the papers use it on natural images, not on digits)
+    shard_size: int = bounded(ge=1)  # samples per shard tar; the last shard of a split holds the rest
+    max_samples: int = bounded(ge=0)  # cap per split after the seeded shuffle; 0 = all (Moving-MNIST: one per digit)
+    seed: int = bounded(ge=0)  # write-time sample order and generated data (Moving-MNIST trajectories)
+    clip_stride: int = bounded(ge=1)  # video: frames between the starts of consecutive clips of one file
+    skip_corrupt: bool  # skip and count unreadable inputs instead of stopping with an error naming them
+    download: bool  # fetch missing mnist / fashion_mnist / cifar10 files through torchvision (needs a network)
+
+    def __post_init__(self) -> None:
+        video = self.source in ("video_folder", "moving_mnist")
+        if video != (self.frames > 0):
+            raise ConfigError(f"source {self.source!r} needs frames {'> 0' if video else '= 0'}, got {self.frames}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which architecture preset a run uses, plus field-by-field overrides of that preset."""
+
+    family: Literal["rin", "meme"]
+    preset: str
+    class_conditional: bool
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    prediction: Literal["eps", "x0", "v"]  # what the network predicts; the loss is taken in the same space
+    train_schedule: ScheduleConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = bounded(ge=0)
+    steps: int = bounded(ge=1)
+    batch_size: int = bounded(ge=1)  # global batch, split across ranks
+    optimizer: Literal["lamb", "adamw"]
+    lr: float = bounded(gt=0, le=1)
+    weight_decay: float = bounded(ge=0, le=1)
+    beta1: float = bounded(ge=0, lt=1)
+    beta2: float = bounded(ge=0, lt=1)
+    warmup_steps: int = bounded(ge=0)
+    lr_decay: Literal["cosine", "constant"]  # after warmup
+    grad_clip: float = bounded(ge=0)  # global norm; 0 disables
+    ema_decay: float = bounded(ge=0, lt=1)
+    self_cond_rate: float = bounded(ge=0, le=1)  # RIN latent self-conditioning; 0 disables it everywhere
+    precision: Literal["fp32", "bf16"]  # bf16 autocast with fp32 master weights
+    log_every: int = bounded(ge=1)
+    checkpoint_every: int = bounded(ge=1)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"]
+    steps: int = bounded(ge=1, le=10000)
+    schedule: ScheduleConfig  # the paper samples with cosine whatever the training schedule
+    variance: Literal["large", "small"]  # DDPM: beta_t (large) or the posterior's beta~_t (small)
+    eta: float = bounded(ge=0, le=1)  # DDIM stochasticity; 0 is deterministic
+    clip_x0: bool  # clip the x0 estimate to [-1, 1] at every step
+    td: float = bounded(ge=0)  # time-difference offset, in units of one step (pix2seq's `td`)
+    num_samples: int = bounded(ge=1)
+    batch_size: int = bounded(ge=1)
+    seed: int = bounded(ge=0)  # image i is drawn from seed + i
+    use_ema: bool
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    reference_split: Literal["train", "test"]  # real images the sample statistics are compared with
+    num_reference: int = bounded(ge=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    dataset_name: str
+    dataset: DatasetConfig
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    sample: SampleConfig
+    eval: EvalConfig
+
+
+@dataclass(frozen=True)
+class Params:
+    datasets: dict[str, DatasetConfig]
+    runs: dict[str, RunConfig]
+
+    def run(self, name: str) -> RunConfig:
+        if name not in self.runs:
+            raise ConfigError(f"params.yaml: no run named {name!r}; runs are {sorted(self.runs)}")
+        return self.runs[name]
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping with keys {[f.name for f in dataclasses.fields(tp)]}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_range(path: str, value: float, meta: Mapping[str, Any]) -> None:
+    bounds = {k: meta.get(k) for k in ("ge", "gt", "le", "lt") if meta.get(k) is not None}
+    ok = all(
+        {"ge": value >= b, "gt": value > b, "le": value <= b, "lt": value < b}[k] for k, b in bounds.items()
+    )
+    if not ok:
+        words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        allowed = " and ".join(f"{words[k]} {b}" for k, b in bounds.items())
+        raise ConfigError(f"params.yaml: {path} must be {allowed}, got {value!r}")
+
+
+def convert(tp: Any, value: Any, path: str) -> Any:
+    """Check `value` against the type annotation `tp` and build it (dataclasses recursively)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        # bool is an int in Python: `True` must not pass for Literal[1, 3].
+        if isinstance(value, bool) or value not in allowed:
+            raise ConfigError(f"params.yaml: {path} must be {_describe(tp)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return convert(arg, value, path)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"params.yaml: {path} must be one of {args}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, path)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"params.yaml: {path} must be a mapping, got {type(value).__name__} {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): convert(val_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"params.yaml: {path} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"params.yaml: {path} must have {len(args)} items, got {len(value)}")
+        return tuple(convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"params.yaml: {path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"params.yaml: {path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"params.yaml: {path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"params.yaml: {path} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config type {tp!r} at {path} is not supported")
+
+
+def build_dataclass(cls: type, raw: Any, path: str, extra: Mapping[str, Any] | None = None) -> Any:
+    """Build a frozen dataclass from a mapping, rejecting unknown and missing keys by their path."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"params.yaml: {path} must be {_describe(cls)}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prebuilt = dict(extra or {})  # values already typed by the caller (e.g. a run's DatasetConfig)
+    given = dict(raw) | prebuilt
+    unknown = sorted(set(given) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"params.yaml: unknown key {path}.{unknown[0]}; allowed keys under {path} are {sorted(fields)}"
+        )
+    missing = [name for name in fields if name not in given]
+    if missing:
+        raise ConfigError(f"params.yaml: missing key {path}.{missing[0]} ({_describe(hints[missing[0]])})")
+    values = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}"
+        if name in prebuilt:
+            values[name] = prebuilt[name]
+            continue
+        value = convert(hints[name], given[name], sub)
+        if f.metadata and isinstance(value, int | float) and not isinstance(value, bool):
+            _check_range(sub, value, f.metadata)
+        values[name] = value
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"params.yaml: {path}: {err}") from None
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` wins; mappings merge key by key (except `overrides`, which replaces as a whole)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "overrides":
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_RUN_SECTIONS = ("dataset", "model", "diffusion", "train", "sample", "eval")
+
+
+def parse_params(raw: Mapping[str, Any]) -> Params:
+    """Turn the parsed YAML into typed objects, validating everything (including model overrides)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("params.yaml must be a mapping with keys datasets, defaults, runs")
+    unknown = sorted(set(raw) - {"datasets", "defaults", "runs"})
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown top-level key {unknown[0]}; allowed: datasets, defaults, runs")
+    for key in ("datasets", "defaults", "runs"):
+        if not isinstance(raw.get(key), Mapping):
+            raise ConfigError(f"params.yaml: missing or malformed top-level section {key!r} (a mapping)")
+    datasets = {name: build_dataclass(DatasetConfig, d, f"datasets.{name}") for name, d in raw["datasets"].items()}
+    runs = {}
+    for name, run_raw in raw["runs"].items():
+        if not isinstance(run_raw, Mapping):
+            raise ConfigError(f"params.yaml: runs.{name} must be a mapping of {list(_RUN_SECTIONS)}")
+        unknown = sorted(set(run_raw) - set(_RUN_SECTIONS))
+        if unknown:
+            raise ConfigError(f"params.yaml: unknown key runs.{name}.{unknown[0]}; allowed: {list(_RUN_SECTIONS)}")
+        merged = deep_merge(raw["defaults"], run_raw)
+        dataset_name = merged.get("dataset")
+        if dataset_name not in datasets:
+            raise ConfigError(
+                f"params.yaml: runs.{name}.dataset must name one of the datasets {sorted(datasets)}, "
+                f"got {dataset_name!r}"
+            )
+        merged = {k: v for k, v in merged.items() if k != "dataset"}
+        run = build_dataclass(
+            RunConfig,
+            merged,
+            f"runs.{name}",
+            extra={"name": name, "dataset_name": dataset_name, "dataset": datasets[dataset_name]},
+        )
+        from diffusion.registry import resolve_model  # late import: model packages import this module's types
+
+        resolve_model(run)  # validates preset name and overrides now, not at train time
+        runs[name] = run
+    return Params(datasets=datasets, runs=runs)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file; run from the repository root or pass --params PATH")
+    with path.open() as fh:
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw)

@@ -1,0 +1,113 @@
+"""The one place that converts between x0, eps and v, and the training loss (with latent self-conditioning).
+
+Parameterisation: x_t = sqrt(g) x0 + sqrt(1-g) eps, v = sqrt(g) eps - sqrt(1-g) x0, g = gamma(t)
+(Salimans & Ho 2022 for v; RIN Alg. 1-2 for the self-conditioned two-pass step).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffusion.schedules import Schedule
+
+Prediction = Literal["eps", "x0", "v"]
+
+
+class Denoiser(Protocol):
+    """A network that predicts eps / x0 / v from (x_t, gamma) and carries a state between calls.
+
+    `state` is None on the first call (meaning "no previous state", i.e. zeros) or a tensor whose first dim is
+    the batch; the returned state is what the next call should receive (RIN: its final latents).
+    """
+
+    def __call__(
+        self, x_t: Tensor, gamma: Tensor, labels: Tensor | None = None, state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]: ...
+
+
+def _bcast(g: Tensor, like: Tensor) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) matching `like`'s rank, in `like`'s dtype."""
+    return g.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def q_sample(x0: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
+    """Forward process: x_t = sqrt(g) x0 + sqrt(1-g) eps."""
+    g = _bcast(gamma, x0)
+    return g.sqrt() * x0 + (1 - g).sqrt() * eps
+
+
+def target(prediction: Prediction, x0: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
+    """What a network with this `prediction` type should output for (x0, eps) at noise level gamma."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    g = _bcast(gamma, x0)
+    return g.sqrt() * eps - (1 - g).sqrt() * x0
+
+
+def to_x0_eps(
+    prediction: Prediction, output: Tensor, x_t: Tensor, gamma: Tensor, clip_x0: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(x0, eps) implied by a network output of the given type; with `clip_x0`, x0 is clipped to [-1, 1] and
+    eps is recomputed from the clipped x0 so the pair stays consistent with x_t."""
+    g = _bcast(gamma, x_t)
+    sg, s1g = g.sqrt(), (1 - g).sqrt()
+    if prediction == "eps":
+        eps = output
+        x0 = (x_t - s1g * eps) / sg
+    elif prediction == "x0":
+        x0 = output
+        eps = (x_t - sg * x0) / s1g.clamp_min(1e-12)
+    else:
+        x0 = sg * x_t - s1g * output
+        eps = s1g * x_t + sg * output
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x_t - sg * x0) / s1g.clamp_min(1e-12)
+    return x0, eps
+
+
+def from_x0_eps(prediction: Prediction, x0: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
+    """Inverse of `to_x0_eps` (without clipping): the network output that encodes (x0, eps)."""
+    return target(prediction, x0, eps, gamma)
+
+
+def self_conditioning_state(
+    model: Denoiser, x_t: Tensor, gamma: Tensor, labels: Tensor | None, rate: float, generator: torch.Generator
+) -> Tensor | None:
+    """First pass of RIN's training step: latents from a pass with no previous state, with the gradient stopped,
+    kept per example with probability `rate` and zeroed otherwise. None when self-conditioning is off."""
+    if rate <= 0:
+        return None
+    with torch.no_grad():
+        _, state = model(x_t, gamma, labels, None)
+    assert state is not None, "self_cond_rate > 0 needs a denoiser that returns a state"
+    keep = torch.rand(x_t.shape[0], generator=generator, device=generator.device).to(x_t.device) < rate
+    return state.detach() * _bcast(keep.float(), state)
+
+
+def diffusion_loss(
+    model: Denoiser,
+    x0: Tensor,
+    labels: Tensor | None,
+    schedule: Schedule,
+    prediction: Prediction,
+    self_cond_rate: float,
+    generator: torch.Generator,
+) -> Tensor:
+    """Mean squared error in the `prediction` space at t ~ U(0, 1), per example: returns (B,)."""
+    b = x0.shape[0]
+    dev = generator.device
+    t = torch.rand(b, generator=generator, device=dev).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device)
+    gamma = schedule(t)
+    x_t = q_sample(x0, eps, gamma)
+    state = self_conditioning_state(model, x_t, gamma, labels, self_cond_rate, generator)
+    output, _ = model(x_t, gamma, labels, state)
+    err = F.mse_loss(output.float(), target(prediction, x0, eps, gamma).float(), reduction="none")
+    return err.flatten(1).mean(1)

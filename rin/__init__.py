@@ -1,0 +1,1 @@
+"""RIN: Recurrent Interface Networks (Jabri, Fleet, Chen; ICML 2023)."""

@@ -1,0 +1,255 @@
+"""Recurrent Interface Network (Jabri, Fleet, Chen, ICML 2023, Sec. 2-3): read / process / write blocks over
+an interface of patch tokens and a smaller set of latents, with latent self-conditioning (the warm start).
+
+Images are (B, C, H, W) with 2-D patches; video is (B, C, T, H, W) with 3-D patches: the tokenizer is the only
+part that knows which. The model maps (x_t, gamma, labels, previous latents) -> (prediction, latents).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import einops
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class RINConfig:
+    data_shape: tuple[int, ...]  # spatial shape served to the model: (H, W) for images, (T, H, W) for video
+    channels: int  # data channels C
+    patch: tuple[int, ...]  # patch size per spatial dim, e.g. (2, 2) or (2, 4, 4); kernel = stride
+    num_blocks: int  # B read/process/write blocks, weights not shared
+    process_layers: int  # K latent self-attention layers per block
+    num_latents: int  # m latent tokens in total, including the noise-level (and class) token (pix2seq)
+    latent_dim: int  # d' latent width
+    interface_dim: int  # d interface width
+    latent_heads: int  # heads of latent self-attention
+    rw_heads: int  # heads of the read and write cross-attention
+    latent_mlp_ratio: float  # MLP hidden = ratio * latent_dim
+    interface_mlp_ratio: float  # MLP hidden = ratio * interface_dim (write MLP)
+    dropout: float  # hidden-unit dropout in the latent process MLPs (pix2seq `drop_units`)
+    drop_path: float  # stochastic depth on the latent process layers
+    num_classes: int  # 0: unconditional; otherwise a class token joins the latents
+    self_cond: bool  # build the warm-start path Z_init = Z_emb + LN0(Z_prev + MLP(Z_prev))
+    noise_embed_scale: float  # the sinusoidal embedding sees gamma * scale
+
+    @property
+    def num_tokens(self) -> int:
+        """Interface length n = prod(data_shape / patch)."""
+        return math.prod(s // p for s, p in zip(self.data_shape, self.patch, strict=True))
+
+    @property
+    def num_cond_tokens(self) -> int:
+        return 1 + (1 if self.num_classes > 0 else 0)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when the configuration cannot build a model."""
+        if len(self.patch) != len(self.data_shape) or len(self.patch) not in (2, 3):
+            raise ValueError(f"patch {self.patch} must have one entry per spatial dim of data_shape {self.data_shape}")
+        for s, p in zip(self.data_shape, self.patch, strict=True):
+            if p < 1 or s % p:
+                raise ValueError(f"patch {self.patch} must divide data_shape {self.data_shape}")
+        if self.num_latents <= self.num_cond_tokens:
+            raise ValueError(f"num_latents {self.num_latents} must exceed the {self.num_cond_tokens} condition tokens")
+        for dim, heads, name in ((self.latent_dim, self.latent_heads, "latent"),
+                                 (min(self.latent_dim, self.interface_dim), self.rw_heads, "rw")):
+            if dim % heads:
+                raise ValueError(f"{name}_heads={heads} must divide the attention width {dim}")
+        if self.latent_dim % 8:
+            raise ValueError(f"latent_dim {self.latent_dim} must be a multiple of 8 (noise-level embedding)")
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> dropout -> Linear."""
+
+    def __init__(self, dim: int, ratio: float, dropout: float = 0.0):
+        super().__init__()
+        hidden = int(round(dim * ratio))
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(F.gelu(self.fc1(x))))
+
+
+class Attention(nn.Module):
+    """Multi-head attention from queries of width dim_q to a context of width dim_kv, in width dim_att."""
+
+    def __init__(self, dim_q: int, dim_kv: int, heads: int, dim_att: int | None = None):
+        super().__init__()
+        dim_att = dim_att or dim_q
+        self.heads = heads
+        self.to_q = nn.Linear(dim_q, dim_att)
+        self.to_kv = nn.Linear(dim_kv, 2 * dim_att)
+        self.to_out = nn.Linear(dim_att, dim_q)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        q = einops.rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)  # (B, h, n, d_h)
+        k, v = einops.rearrange(self.to_kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, n, d_h)
+        return self.to_out(einops.rearrange(out, "b h n d -> b n (h d)"))
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth: drop the residual branch per example with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device) >= p
+    return x * keep.to(x.dtype) / (1 - p)
+
+
+class SelfAttentionLayer(nn.Module):
+    """Pre-LN transformer layer on the latents: Z = Z + MHA(Z, Z); Z = Z + MLP(Z)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, drop_path: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, dim, heads)
+        self.mlp = MLP(dim, mlp_ratio, dropout)
+        self.drop_path = drop_path
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.norm1(z)
+        z = z + drop_path(self.attn(h, h), self.drop_path, self.training)
+        return z + drop_path(self.mlp(self.norm2(z)), self.drop_path, self.training)
+
+
+class CrossAttentionLayer(nn.Module):
+    """Pre-LN cross-attention + MLP: x = x + MHA(x, ctx); x = x + MLP(x). Read: x=Z, ctx=X; write: x=X, ctx=Z."""
+
+    def __init__(self, dim: int, dim_context: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim_context), nn.LayerNorm(dim)
+        self.attn = Attention(dim, dim_context, heads, dim_att=min(dim, dim_context))
+        self.mlp = MLP(dim, mlp_ratio) if mlp_ratio > 0 else None
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn(self.norm_q(x), self.norm_kv(context))
+        return x + self.mlp(self.norm_mlp(x)) if self.mlp is not None else x
+
+
+class RINBlock(nn.Module):
+    """read (latents <- interface), K x process (latents), write (interface <- latents)."""
+
+    def __init__(self, cfg: RINConfig, drop_paths: list[float]):
+        super().__init__()
+        self.read = CrossAttentionLayer(cfg.latent_dim, cfg.interface_dim, cfg.rw_heads, cfg.latent_mlp_ratio)
+        self.process = nn.ModuleList(
+            SelfAttentionLayer(cfg.latent_dim, cfg.latent_heads, cfg.latent_mlp_ratio, cfg.dropout, dp)
+            for dp in drop_paths
+        )
+        self.write = CrossAttentionLayer(cfg.interface_dim, cfg.latent_dim, cfg.rw_heads, cfg.interface_mlp_ratio)
+
+    def forward(self, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.read(z, x)  # (B, m, d')
+        for layer in self.process:
+            z = layer(z)
+        x = self.write(x, z)  # (B, n, d)
+        return z, x
+
+
+class PatchTokenizer(nn.Module):
+    """Non-overlapping 2-D or 3-D patches -> LayerNorm'd tokens + learned positions, and the inverse readout."""
+
+    def __init__(self, data_shape: tuple[int, ...], channels: int, patch: tuple[int, ...], dim: int):
+        super().__init__()
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[len(patch)]
+        self.grid = tuple(s // p for s, p in zip(data_shape, patch, strict=True))
+        self.patch, self.channels = patch, channels
+        self.stem = conv(channels, dim, kernel_size=patch, stride=patch)
+        self.norm = nn.LayerNorm(dim)
+        self.pos = nn.Parameter(torch.zeros(math.prod(self.grid), dim))
+        self.out_norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, math.prod(patch) * channels)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        axes = "t h w"[-2 * len(patch) + 1 :].split()  # ["h", "w"] or ["t", "h", "w"]
+        pats = [f"p{i}" for i in range(len(patch))]
+        self._unpatch = (
+            f"b ({' '.join(axes)}) ({' '.join(pats)} c) -> b c "
+            + " ".join(f"({a} {p})" for a, p in zip(axes, pats, strict=True))
+        )
+        self._sizes = dict(zip(axes, self.grid, strict=True)) | {p: s for p, s in zip(pats, patch, strict=True)}
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """(B, C, *spatial) -> (B, n, d)."""
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return self.norm(t) + self.pos
+
+    def readout(self, x: Tensor) -> Tensor:
+        """(B, n, d) -> (B, C, *spatial)."""
+        return einops.rearrange(self.out(self.out_norm(x)), self._unpatch, **self._sizes, c=self.channels)
+
+
+class NoiseLevelEmbedding(nn.Module):
+    """Sinusoidal features of gamma * scale (width dim/4) -> Linear -> SiLU -> Linear (pix2seq ScalarEmbedding)."""
+
+    def __init__(self, dim: int, scale: float):
+        super().__init__()
+        self.freq_dim, self.scale = dim // 4, scale
+        self.net = nn.Sequential(nn.Linear(self.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, gamma: Tensor) -> Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=gamma.device) / (half - 1))
+        arg = gamma.float()[:, None] * self.scale * freqs[None]  # (B, half)
+        return self.net(torch.cat([arg.sin(), arg.cos()], dim=1).to(self.net[0].weight.dtype))
+
+
+class RIN(nn.Module):
+    """The RIN denoiser: forward(x_t, gamma, labels, latents_prev) -> (prediction, latents)."""
+
+    def __init__(self, cfg: RINConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tokenizer = PatchTokenizer(cfg.data_shape, cfg.channels, cfg.patch, cfg.interface_dim)
+        self.latents = nn.Parameter(torch.zeros(cfg.num_latents - cfg.num_cond_tokens, cfg.latent_dim))
+        nn.init.trunc_normal_(self.latents, std=0.02)
+        self.noise_embed = NoiseLevelEmbedding(cfg.latent_dim, cfg.noise_embed_scale)
+        self.class_embed = nn.Embedding(cfg.num_classes, cfg.latent_dim) if cfg.num_classes else None
+        if cfg.self_cond:
+            self.prev_norm_in = nn.LayerNorm(cfg.latent_dim)
+            self.prev_mlp = MLP(cfg.latent_dim, cfg.latent_mlp_ratio)
+            self.prev_norm = nn.LayerNorm(cfg.latent_dim)
+            nn.init.zeros_(self.prev_norm.weight)  # warm start: Z_init = Z_emb at initialisation
+            nn.init.zeros_(self.prev_norm.bias)
+        total = cfg.num_blocks * cfg.process_layers
+        rates = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]
+        self.blocks = nn.ModuleList(
+            RINBlock(cfg, rates[b * cfg.process_layers : (b + 1) * cfg.process_layers]) for b in range(cfg.num_blocks)
+        )
+        self.apply(_init_linear)
+
+    def init_latents(self, gamma: Tensor, labels: Tensor | None, latents_prev: Tensor | None) -> Tensor:
+        """Z_init = [Z_emb; noise token; class token] (+ LN0(Z_prev + MLP(Z_prev)) with self-conditioning)."""
+        b = gamma.shape[0]
+        parts = [self.latents.expand(b, -1, -1), self.noise_embed(gamma)[:, None]]  # (B, m-c, d'), (B, 1, d')
+        if self.class_embed is not None:
+            if labels is None:
+                raise ValueError("this RIN is class-conditional (num_classes > 0): pass labels")
+            parts.append(self.class_embed(labels)[:, None])
+        z = torch.cat(parts, dim=1)  # (B, m, d')
+        if self.cfg.self_cond and latents_prev is not None:
+            zp = latents_prev.to(z.dtype)
+            z = z + self.prev_norm(zp + self.prev_mlp(self.prev_norm_in(zp)))
+        return z
+
+    def forward(
+        self, x_t: Tensor, gamma: Tensor, labels: Tensor | None = None, latents_prev: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x = self.tokenizer.tokens(x_t)  # (B, n, d)
+        z = self.init_latents(gamma, labels, latents_prev)  # (B, m, d')
+        for block in self.blocks:
+            z, x = block(z, x)
+        return self.tokenizer.readout(x), z  # (B, C, *spatial), (B, m, d')
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,42 @@
+"""RIN configurations: the paper's (SPEC.md section 1, pix2seq configs) and small ones for this CPU.
+
+The registry doubles as the CLI's `--preset` choices. A run's dataset sets data_shape, channels and
+num_classes, and its train.self_cond_rate sets self_cond; the values here are each preset's native ones.
+"""
+
+from __future__ import annotations
+
+from rin.model import RINConfig
+
+
+def _rin(**kw) -> RINConfig:
+    base = dict(dropout=0.0, drop_path=0.0, num_classes=0, self_cond=True, noise_embed_scale=1000.0)
+    return RINConfig(**(base | kw))
+
+
+PRESETS: dict[str, RINConfig] = {
+    # CIFAR-10 32x32 (author's configuration, pix2seq issue): 3 x 2 blocks, 128 x 512 latents, 256 tokens; ~31M.
+    "rin_cifar10": _rin(
+        data_shape=(32, 32), channels=3, patch=(2, 2), num_blocks=3, process_layers=2, num_latents=128,
+        latent_dim=512, interface_dim=256, latent_heads=16, rw_heads=8, latent_mlp_ratio=4.0,
+        interface_mlp_ratio=2.0, dropout=0.1,
+    ),
+    # ImageNet 64x64 class-conditional (pix2seq config_diffusion_imagenet64; patch 4 as in the paper).
+    "rin_imagenet64": _rin(
+        data_shape=(64, 64), channels=3, patch=(4, 4), num_blocks=4, process_layers=4, num_latents=128,
+        latent_dim=768, interface_dim=512, latent_heads=16, rw_heads=16, latent_mlp_ratio=4.0,
+        interface_mlp_ratio=4.0, num_classes=1000,
+    ),
+    # The default CPU run: Fashion-MNIST padded to 32x32, 64 tokens of 4x4 pixels.
+    "rin_fmnist": _rin(
+        data_shape=(32, 32), channels=1, patch=(4, 4), num_blocks=2, process_layers=2, num_latents=64,
+        latent_dim=256, interface_dim=128, latent_heads=8, rw_heads=4, latent_mlp_ratio=4.0,
+        interface_mlp_ratio=2.0,
+    ),
+    # Unit tests: a few hundred thousand parameters.
+    "rin_tiny": _rin(
+        data_shape=(32, 32), channels=1, patch=(4, 4), num_blocks=2, process_layers=1, num_latents=16,
+        latent_dim=64, interface_dim=64, latent_heads=4, rw_heads=4, latent_mlp_ratio=2.0,
+        interface_mlp_ratio=2.0,
+    ),
+}

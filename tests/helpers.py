@@ -1,0 +1,23 @@
+"""Shared test builders: configs without params.yaml, tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from diffusion.config import SampleConfig, ScheduleConfig
+from rin.model import RIN, RINConfig
+from rin.presets import PRESETS
+
+
+def sample_config(**kw) -> SampleConfig:
+    base = dict(sampler="ddpm", steps=8, schedule=ScheduleConfig("cosine", 0.0, 1.0, 1.0), variance="large", eta=0.0,
+                clip_x0=True, td=0.0, num_samples=4, batch_size=4, seed=0, use_ema=False)
+    return SampleConfig(**(base | kw))
+
+
+def tiny_rin(**kw) -> RIN:
+    return RIN(dataclasses.replace(PRESETS["rin_tiny"], **kw))
+
+
+def tiny_config(**kw) -> RINConfig:
+    return dataclasses.replace(PRESETS["rin_tiny"], **kw)

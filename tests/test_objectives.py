@@ -1,0 +1,65 @@
+"""x0 / eps / v conversions and the training loss."""
+
+import pytest
+import torch
+
+from diffusion.config import ScheduleConfig
+from diffusion.objectives import diffusion_loss, from_x0_eps, q_sample, target, to_x0_eps
+from diffusion.schedules import Schedule
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(8, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64)
+    gamma = torch.tensor([1e-4, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.9999], dtype=torch.float64)
+    return x0, eps, gamma
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_round_trip(batch, kind):
+    x0, eps, gamma = batch
+    x_t = q_sample(x0, eps, gamma)
+    out = from_x0_eps(kind, x0, eps, gamma)
+    x0_hat, eps_hat = to_x0_eps(kind, out, x_t, gamma)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(eps_hat, eps, rtol=1e-6, atol=1e-6)
+
+
+def test_v_definition(batch):
+    x0, eps, gamma = batch
+    g = gamma.view(-1, 1, 1, 1)
+    torch.testing.assert_close(target("v", x0, eps, gamma), g.sqrt() * eps - (1 - g).sqrt() * x0)
+
+
+def test_clipping_keeps_pair_consistent(batch):
+    x0, eps, gamma = batch
+    x_t = q_sample(x0 * 3, eps, gamma)  # x0 outside [-1, 1]
+    x0_hat, eps_hat = to_x0_eps("eps", eps, x_t, gamma, clip_x0=True)
+    assert x0_hat.abs().max() <= 1
+    torch.testing.assert_close(q_sample(x0_hat, eps_hat, gamma), x_t)
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the exact target from knowledge of x0 (possible only in a test)."""
+
+    def __init__(self, x0, kind):
+        super().__init__()
+        self.x0, self.kind = x0, kind
+
+    def forward(self, x_t, gamma, labels=None, state=None):
+        g = gamma.view(-1, 1, 1, 1)
+        eps = (x_t - g.sqrt() * self.x0) / (1 - g).sqrt()
+        return target(self.kind, self.x0, eps, gamma), None
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_loss_zero_for_perfect_prediction(kind):
+    x0 = torch.rand(16, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    sched = Schedule(ScheduleConfig("cosine", 0, 0.95, 1))  # keep gamma away from 1e-9 for float accuracy
+    loss = diffusion_loss(Oracle(x0, kind), x0, None, sched, kind, 0.0, torch.Generator().manual_seed(1))
+    assert loss.shape == (16,)
+    assert loss.max().item() < 1e-12
+    wrong = diffusion_loss(Oracle(-x0, kind), x0, None, sched, kind, 0.0, torch.Generator().manual_seed(1))
+    assert wrong.mean().item() > 1e-3

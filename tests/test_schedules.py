@@ -1,0 +1,53 @@
+"""gamma(t) schedules against their closed forms, endpoints, monotonicity and clipping."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion.config import ScheduleConfig
+from diffusion.schedules import GAMMA_MIN, Schedule
+
+T = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0], dtype=torch.float64)
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("start,end,tau", [(-3, 3, 0.9), (-3, 3, 1.1), (0, 3, 0.5), (-2, 5, 1.0)])
+def test_sigmoid_matches_closed_form(start, end, tau):
+    sched = Schedule(ScheduleConfig("sigmoid", start, end, tau))
+    for t in T.tolist():
+        want = (-_sig((t * (end - start) + start) / tau) + _sig(end / tau)) / (_sig(end / tau) - _sig(start / tau))
+        want = min(max(want, GAMMA_MIN), 1.0)
+        assert sched(torch.tensor([t], dtype=torch.float64)).item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_cosine_and_linear_closed_forms():
+    cos = Schedule(ScheduleConfig("cosine", 0.0, 1.0, 1.0))
+    lin = Schedule(ScheduleConfig("linear", 0.0, 1.0, 1.0))
+    for t in T.tolist()[1:-1]:
+        x = torch.tensor([t], dtype=torch.float64)
+        assert cos(x).item() == pytest.approx(math.cos(t * math.pi / 2) ** 2, rel=1e-9)
+        assert lin(x).item() == pytest.approx(1 - t, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [ScheduleConfig("sigmoid", -3, 3, 0.9), ScheduleConfig("sigmoid", 0, 3, 0.3), ScheduleConfig("cosine", 0, 1, 1),
+     ScheduleConfig("cosine", 0.2, 1, 1), ScheduleConfig("linear", 0, 1, 1)],
+)
+def test_endpoints_monotone_and_clipped(cfg):
+    sched = Schedule(cfg)
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64)
+    g = sched(t)
+    assert g[0].item() == pytest.approx(1.0, abs=1e-12)
+    assert g[-1].item() == GAMMA_MIN  # clipped, never exactly 0
+    assert torch.all(g[1:] <= g[:-1])  # non-increasing
+    assert torch.all(g[1:-1] < 1) and torch.all(g >= GAMMA_MIN) and torch.all(g <= 1)
+
+
+def test_float32_input_stays_in_range():
+    g = Schedule(ScheduleConfig("sigmoid", -3, 3, 0.9))(torch.rand(1000))
+    assert g.dtype == torch.float32 and torch.all((g >= GAMMA_MIN) & (g <= 1))
