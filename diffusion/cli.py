@@ -40,60 +40,63 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_arrays(run, split: str):
+def _train_source(run, shard_root: Path):
     from diffusion.data import load_idx_split
-    from diffusion.train import pad_to
+    from diffusion.train import ArrayBatches, pad_to
 
     if run.dataset.source not in ("mnist", "fashion_mnist"):
         raise ConfigError(f"dataset source {run.dataset.source!r} needs its shards; run the shard stage first")
-    images, labels = load_idx_split(run.dataset.root, split)
-    return pad_to(images, run.dataset.resolution), labels
+    images, labels = load_idx_split(run.dataset.root, "train")
+    images = pad_to(images, run.dataset.resolution)
+    return ArrayBatches(images, labels, run.train.batch_size, run.train.seed, run.dataset.random_flip)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from diffusion.train import ArrayBatches, train
+    from diffusion import distributed
+    from diffusion.train import Trainer
 
     run = load_params(args.params).run(args.run)
-    images, labels = _training_arrays(run, "train")
-    batches = ArrayBatches(images, labels, run.train.batch_size, run.train.seed, run.dataset.random_flip)
+    d = distributed.init(args.device)
     out = Path(args.out or OUTPUTS / run.name / "train")
-    result = train(run, iter(batches), out)
-    print(f"trained {run.name}: {result.steps} steps, final loss {result.final_loss:.4f}, "
-          f"{result.images_per_s:.1f} img/s -> {out}")
+    source = _train_source(run, Path(args.shards or f"data/shards/{run.dataset_name}"))
+    trainer = Trainer(run, out, d)
+    live = None
+    if d.is_main:
+        from dvclive import Live
+
+        live = Live(dir=str(out / "live"), resume=True, save_dvc_exp=False, dvcyaml=False)
+    try:
+        result = trainer.fit(source, live=live)
+        trainer.export(result)
+    finally:
+        if live is not None:
+            live.end()
+        distributed.shutdown(d)
+    if d.is_main:
+        print(f"trained {run.name}: steps {result.resumed_from}->{result.steps}, final loss {result.final_loss:.4f}, "
+              f"{result.images_per_s:.1f} img/s on {d.world_size} process(es) -> {out}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from diffusion.images import grid, save_png_atomic, to_uint8_nhwc
-    from diffusion.registry import resolve_model
-    from diffusion.sampling import sample
-    from diffusion.train import autocast, load_weights
+    from diffusion import distributed
+    from diffusion.generate import generate
+    from diffusion.train import load_weights
 
     run = load_params(args.params).run(args.run)
+    d = distributed.init(args.device)
     train_dir = Path(args.weights or OUTPUTS / run.name / "train")
     weights = train_dir / ("ema.safetensors" if run.sample.use_ema else "model.safetensors")
     if not weights.exists():
-        raise ConfigError(f"{weights}: no trained weights; run `python -m diffusion.cli train --run {run.name}` first")
-    model = load_weights(run, weights)
-    cfg = resolve_model(run)
-    n = args.num_samples or run.sample.num_samples
-    shape = (cfg.channels, *cfg.data_shape)
-    chunks = []
-    for start in range(0, n, run.sample.batch_size):
-        seeds = [run.sample.seed + i for i in range(start, min(start + run.sample.batch_size, n))]
-        labels = torch.tensor(seeds) % cfg.num_classes if cfg.num_classes else None
-        with autocast(run.train.precision, torch.device("cpu")):
-            chunks.append(to_uint8_nhwc(sample(model, shape, seeds, run.sample, run.diffusion.prediction,
-                                               labels=labels, progress=True)))
-    images = np.concatenate(chunks)
+        raise ConfigError(f"{weights}: no trained weights; run `python -m diffusion.cli train {run.name}` first")
+    model = load_weights(run, weights, d.device)
     out = Path(args.out or OUTPUTS / run.name / "samples")
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "samples.npz", arr_0=images)
-    save_png_atomic(grid(images[:64]), out / "grid.png", scale=3)
-    print(f"wrote {len(images)} samples to {out / 'samples.npz'} and a grid to {out / 'grid.png'}")
+    try:
+        npz = generate(run, model, out, d, num_samples=args.num_samples)
+    finally:
+        distributed.shutdown(d)
+    if npz is not None:
+        print(f"wrote {npz} and {out / 'grid.png'}")
     return 0
 
 
@@ -120,14 +123,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_shard)
     t = sub.add_parser("train", help="train a run from params.yaml")
-    t.add_argument("--run", required=True)
+    t.add_argument("run", help="a run name from params.yaml")
     t.add_argument("--out", help="output folder (default outputs/<run>/train)")
+    t.add_argument("--shards", help="the dataset's shard root (default data/shards/<dataset>)")
+    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     t.set_defaults(fn=cmd_train)
     m = sub.add_parser("sample", help="draw samples from a trained run: samples.npz (ADM layout) + grid.png")
-    m.add_argument("--run", required=True)
+    m.add_argument("run", help="a run name from params.yaml")
     m.add_argument("--weights", help="folder with model/ema.safetensors (default outputs/<run>/train)")
     m.add_argument("--out", help="output folder (default outputs/<run>/samples)")
     m.add_argument("--num-samples", type=int, help="override sample.num_samples")
+    m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     m.set_defaults(fn=cmd_sample)
     return p
 

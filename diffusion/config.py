@@ -106,6 +106,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"]  # bf16 autocast with fp32 master weights
     log_every: int = bounded(ge=1)
     checkpoint_every: int = bounded(ge=1)
+    sample_every: int = bounded(ge=0)  # a preview grid (EMA weights, 16 images) every N steps; 0 disables
 
 
 @dataclass(frozen=True)

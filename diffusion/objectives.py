@@ -6,6 +6,7 @@ Parameterisation: x_t = sqrt(g) x0 + sqrt(1-g) eps, v = sqrt(g) eps - sqrt(1-g) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -77,17 +78,40 @@ def from_x0_eps(prediction: Prediction, x0: Tensor, eps: Tensor, gamma: Tensor) 
     return target(prediction, x0, eps, gamma)
 
 
+@dataclass(frozen=True)
+class NoiseDraw:
+    """The random draws of one training step for a batch: t ~ U(0,1), eps ~ N(0,I), and u ~ U(0,1) that keeps an
+    example's self-conditioning latents when u < rate. Drawn once for the global batch, sliced per rank."""
+
+    t: Tensor  # (B,)
+    eps: Tensor  # (B, *data)
+    u: Tensor  # (B,)
+
+    @staticmethod
+    def draw(generator: torch.Generator, shape: tuple[int, ...]) -> NoiseDraw:
+        dev = generator.device
+        t = torch.rand(shape[0], generator=generator, device=dev)
+        eps = torch.randn(shape, generator=generator, device=dev)
+        u = torch.rand(shape[0], generator=generator, device=dev)
+        return NoiseDraw(t, eps, u)
+
+    def rows(self, start: int, stop: int) -> NoiseDraw:
+        return NoiseDraw(self.t[start:stop], self.eps[start:stop], self.u[start:stop])
+
+    def to(self, device: torch.device) -> NoiseDraw:
+        return NoiseDraw(self.t.to(device), self.eps.to(device), self.u.to(device))
+
+
 def self_conditioning_state(
-    model: Denoiser, x_t: Tensor, gamma: Tensor, labels: Tensor | None, rate: float, generator: torch.Generator
+    model: Denoiser, x_t: Tensor, gamma: Tensor, labels: Tensor | None, keep: Tensor | None
 ) -> Tensor | None:
     """First pass of RIN's training step: latents from a pass with no previous state, with the gradient stopped,
-    kept per example with probability `rate` and zeroed otherwise. None when self-conditioning is off."""
-    if rate <= 0:
+    kept for the examples where `keep` is true and zeroed for the others. None when self-conditioning is off."""
+    if keep is None:
         return None
     with torch.no_grad():
         _, state = model(x_t, gamma, labels, None)
     assert state is not None, "self_cond_rate > 0 needs a denoiser that returns a state"
-    keep = torch.rand(x_t.shape[0], generator=generator, device=generator.device).to(x_t.device) < rate
     return state.detach() * _bcast(keep.float(), state)
 
 
@@ -98,16 +122,14 @@ def diffusion_loss(
     schedule: Schedule,
     prediction: Prediction,
     self_cond_rate: float,
-    generator: torch.Generator,
+    noise: NoiseDraw,
 ) -> Tensor:
-    """Mean squared error in the `prediction` space at t ~ U(0, 1), per example: returns (B,)."""
-    b = x0.shape[0]
-    dev = generator.device
-    t = torch.rand(b, generator=generator, device=dev).to(x0.device)
-    eps = torch.randn(x0.shape, generator=generator, device=dev).to(x0.device)
-    gamma = schedule(t)
-    x_t = q_sample(x0, eps, gamma)
-    state = self_conditioning_state(model, x_t, gamma, labels, self_cond_rate, generator)
+    """Mean squared error in the `prediction` space at the drawn t, per example: returns (B,)."""
+    noise = noise.to(x0.device)
+    gamma = schedule(noise.t)
+    x_t = q_sample(x0, noise.eps, gamma)
+    keep = noise.u < self_cond_rate if self_cond_rate > 0 else None
+    state = self_conditioning_state(model, x_t, gamma, labels, keep)
     output, _ = model(x_t, gamma, labels, state)
-    err = F.mse_loss(output.float(), target(prediction, x0, eps, gamma).float(), reduction="none")
+    err = F.mse_loss(output.float(), target(prediction, x0, noise.eps, gamma).float(), reduction="none")
     return err.flatten(1).mean(1)

@@ -1,30 +1,38 @@
-"""The training loop for any Denoiser: bf16 autocast with fp32 master weights, AdamW/LAMB with warmup + cosine,
-gradient clipping, EMA, a NaN guard, and safetensors weights written atomically.
+"""The training loop for any Denoiser: torchrun DDP (gloo on CPU, NCCL on GPU), bf16 autocast with fp32 master
+weights, AdamW / LAMB with warmup + cosine, gradient clipping, EMA, exact resume, dvclive metrics, a NaN guard.
+
+Every random draw of step s is a pure function of (seed, s): the batch, the noise (t, eps, self-conditioning
+coin) drawn once for the global batch and sliced per rank, and dropout (seeded per rank). So a resumed run
+repeats exactly what an uninterrupted one would have done, and N processes see the same global batch as one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from diffusion import checkpoint
+from diffusion.checkpoint import write_text_atomic
 from diffusion.config import RunConfig
-from diffusion.objectives import diffusion_loss
+from diffusion.distributed import Dist, all_reduce_mean
+from diffusion.images import grid, to_uint8_nhwc
+from diffusion.objectives import NoiseDraw, diffusion_loss
 from diffusion.optim import lr_factor, make_optimizer
-from diffusion.registry import build_model
+from diffusion.registry import build_model, resolve_model
+from diffusion.sampling import sample
 from diffusion.schedules import Schedule
 
 
@@ -32,11 +40,18 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class BatchSource(Protocol):
+    def batch(self, step: int, rank: int, world_size: int) -> tuple[Tensor, Tensor]:
+        """This rank's share of global batch `step`: (B / world, C, *spatial) in [-1, 1] and (B / world,) labels."""
+        ...
+
+
 @dataclass
 class TrainResult:
     steps: int
+    resumed_from: int
     final_loss: float  # mean of the last `log_every` losses
-    images_per_s: float
+    images_per_s: float  # global throughput of this process's session
     history: list[dict]
 
 
@@ -57,29 +72,180 @@ def pad_to(images: np.ndarray, resolution: int) -> np.ndarray:
 
 
 class ArrayBatches:
-    """Infinite shuffled batches from an in-memory uint8 array: (B, C, H, W) in [-1, 1] and (B,) labels."""
+    """Shuffled global batches from an in-memory uint8 array, as a pure function of the step: epoch e uses the
+    permutation seeded by (seed, e); flips are seeded by (seed, step). Ranks take contiguous slices."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, random_flip: bool):
         x = torch.from_numpy(np.ascontiguousarray(images))
         self.images = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W) uint8
-        self.labels = torch.from_numpy(labels).long()
-        self.batch_size, self.random_flip = batch_size, random_flip
-        self.generator = torch.Generator().manual_seed(seed)
+        self.labels = torch.from_numpy(np.asarray(labels)).long()
+        if batch_size > len(self.images):
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(self.images)} training images")
+        self.batch_size, self.seed, self.random_flip = batch_size, seed, random_flip
+        self.per_epoch = len(self.images) // batch_size
+        self._perm: tuple[int, Tensor] | None = None
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = self.images.shape[0]
-        while True:
-            order = torch.randperm(n, generator=self.generator)
-            for i in range(0, n - self.batch_size + 1, self.batch_size):
-                idx = order[i : i + self.batch_size]
-                x = self.images[idx].float() / 127.5 - 1.0
-                if self.random_flip:
-                    flip = torch.rand(len(idx), generator=self.generator) < 0.5
-                    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                yield x, self.labels[idx]
+    def _order(self, epoch: int) -> Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.images), generator=g))
+        return self._perm[1]
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+        if self.batch_size % world_size:
+            raise ValueError(f"train.batch_size {self.batch_size} must be divisible by the {world_size} processes")
+        epoch, i = divmod(step, self.per_epoch)
+        idx = self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        local = self.batch_size // world_size
+        idx = idx[rank * local : (rank + 1) * local]
+        x = self.images[idx].float() / 127.5 - 1.0
+        if self.random_flip:
+            g = torch.Generator().manual_seed(self.seed * 7_919 + step)
+            flip = (torch.rand(self.batch_size, generator=g) < 0.5)[rank * local : (rank + 1) * local]
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, self.labels[idx]
 
 
-def save_safetensors_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_033 + step + 1)
+
+
+def train_step(model: nn.Module, batch: tuple[Tensor, Tensor], noise: NoiseDraw, optimizer, run: RunConfig,
+               schedule: Schedule, d: Dist) -> tuple[float, float]:
+    """One optimisation step on this rank's share; returns (global mean loss, grad norm before clipping)."""
+    x0, labels = batch[0].to(d.device), batch[1].to(d.device)
+    with autocast(run.train.precision, d.device):
+        loss = diffusion_loss(model, x0, labels if run.model.class_conditional else None, schedule,
+                              run.diffusion.prediction, run.train.self_cond_rate, noise).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = run.train.grad_clip if run.train.grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    value = all_reduce_mean(loss.item(), d)
+    if not (math.isfinite(value) and math.isfinite(grad_norm)):
+        raise TrainingDiverged(
+            f"{run.name}: loss {value}, grad norm {grad_norm}: stopped before the optimizer step; the last "
+            "checkpoint is kept. Lower train.lr, raise train.warmup_steps, or check the data for NaNs")
+    optimizer.step()
+    return value, grad_norm
+
+
+class Trainer:
+    """Owns the model, EMA, optimiser and output folder of one run; `fit` trains to run.train.steps."""
+
+    def __init__(self, run: RunConfig, out_dir: Path, d: Dist):
+        self.run, self.out, self.d = run, Path(out_dir), d
+        torch.manual_seed(run.train.seed)  # identical initial weights on every rank
+        self.model = build_model(run).to(d.device).train()
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(run.train.ema_decay), use_buffers=True)
+        self.optimizer = make_optimizer(self.model, run.train)
+        self.ddp = DistributedDataParallel(self.model) if d.enabled else self.model
+        self.schedule = Schedule(run.diffusion.train_schedule)
+        self.model_config = json.dumps(asdict(resolve_model(run)), sort_keys=True)
+        self.step = 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def resume(self) -> int:
+        path = checkpoint.latest(self.ckpt_dir)
+        if path is None:
+            return 0
+        state = checkpoint.load(path, self.model, self.ema, self.optimizer)
+        if state.get("model_config") != self.model_config:
+            raise checkpoint.CheckpointError(
+                f"{path} was written for a different model configuration; move {self.ckpt_dir} away to start over")
+        self.step = int(state["step"])
+        return self.step
+
+    def save(self) -> None:
+        if self.d.is_main:
+            checkpoint.save(self.ckpt_dir, self.step, self.model, self.ema, self.optimizer,
+                            extra={"run": self.run.name, "model_config": self.model_config})
+
+    def set_lr(self) -> float:
+        lr = self.run.train.lr * lr_factor(self.step, self.run.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def one_step(self, source: BatchSource) -> tuple[float, float, float]:
+        t = self.run.train
+        lr = self.set_lr()
+        batch = source.batch(self.step, self.d.rank, self.d.world_size)
+        local = batch[0].shape[0]
+        noise = NoiseDraw.draw(step_generator(t.seed, self.step), (t.batch_size, *batch[0].shape[1:]))
+        noise = noise.rows(self.d.rank * local, (self.d.rank + 1) * local)
+        torch.manual_seed(t.seed * 1_000_037 + self.step * 4_099 + self.d.rank)  # dropout / drop-path
+        loss, gnorm = train_step(self.ddp, batch, noise, self.optimizer, self.run, self.schedule, self.d)
+        self.ema.update_parameters(self.model)
+        self.step += 1
+        return loss, gnorm, lr
+
+    @torch.no_grad()
+    def preview(self, n: int = 16) -> np.ndarray:
+        """A grid of n samples from the EMA weights (DDIM, eta 0, at most 50 steps), as an (H, W, C) uint8 image."""
+        run, cfg = self.run, self.model.cfg
+        quick = replace(run.sample, sampler="ddim", eta=0.0, steps=min(run.sample.steps, 50))
+        labels = torch.arange(n, device=self.d.device) % cfg.num_classes if cfg.num_classes else None
+        with autocast(run.train.precision, self.d.device):
+            x = sample(self.ema.module.eval(), (cfg.channels, *cfg.data_shape), list(range(n)), quick,
+                       run.diffusion.prediction, labels=labels, device=self.d.device)
+        return grid(to_uint8_nhwc(x), ncols=8)
+
+    def fit(self, source: BatchSource, live=None) -> TrainResult:
+        t = self.run.train
+        start_step = self.resume()
+        history, window = [], []
+        t0, bar = time.perf_counter(), None
+        if self.d.is_main:
+            bar = tqdm(total=t.steps, initial=start_step, desc=f"train {self.run.name}", mininterval=2.0)
+        while self.step < t.steps:
+            loss, gnorm, lr = self.one_step(source)
+            window.append(loss)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                ips = (self.step - start_step) * t.batch_size / (time.perf_counter() - t0)
+                row = {"step": self.step, "loss": float(np.mean(window)), "grad_norm": gnorm, "lr": lr,
+                       "images_per_s": ips}
+                history.append(row)
+                window = []
+                if live is not None:
+                    live.step = self.step
+                    for k in ("loss", "grad_norm", "lr", "images_per_s"):
+                        live.log_metric(f"train/{k}", row[k])
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
+            if live is not None and t.sample_every and self.step % t.sample_every == 0:
+                live.log_image(f"preview/step-{self.step:08d}.png", self.preview())
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.save()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        ips = (t.steps - start_step) * t.batch_size / elapsed if elapsed > 0 else 0.0
+        final = history[-1]["loss"] if history else float("nan")
+        return TrainResult(t.steps, start_step, final, ips, history)
+
+    def export(self, result: TrainResult) -> None:
+        """Final weights beside the checkpoints: model.safetensors, ema.safetensors, train_log.json."""
+        if not self.d.is_main:
+            return
+        meta = {"run": self.run.name, "step": str(self.step)}
+        save_weights(self.model.state_dict(), self.out / "model.safetensors", meta)
+        save_weights(self.ema.module.state_dict(), self.out / "ema.safetensors", meta)
+        write_text_atomic(self.out / "train_log.json", json.dumps(asdict(result), indent=1))
+
+
+def save_weights(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file written through a temporary name and an atomic rename."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -87,67 +253,8 @@ def save_safetensors_atomic(tensors: dict[str, Tensor], path: Path, metadata: di
     os.replace(tmp, path)
 
 
-def train_step(model, batch, optimizer, run: RunConfig, schedule: Schedule, generator, device) -> tuple[float, float]:
-    """One optimisation step; returns (loss, grad norm before clipping)."""
-    x0, labels = batch
-    x0 = x0.to(device)
-    labels = labels.to(device) if run.model.class_conditional else None
-    with autocast(run.train.precision, device):
-        loss = diffusion_loss(
-            model, x0, labels, schedule, run.diffusion.prediction, run.train.self_cond_rate, generator
-        ).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    clip = run.train.grad_clip if run.train.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    value = loss.item()
-    if not math.isfinite(value):
-        raise TrainingDiverged(f"loss is {value}: stopping before the optimizer step; lower train.lr or check the data")
-    optimizer.step()
-    return value, float(grad_norm)
-
-
-def train(run: RunConfig, batches: Iterator[tuple[Tensor, Tensor]], out_dir: Path, device: str = "cpu") -> TrainResult:
-    """Train `run` on `batches` for run.train.steps; writes model.safetensors, ema.safetensors, train_log.json."""
-    device_ = torch.device(device)
-    torch.manual_seed(run.train.seed)
-    model = build_model(run).to(device_).train()
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(run.train.ema_decay), use_buffers=True)
-    optimizer = make_optimizer(model, run.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, run.train))
-    schedule = Schedule(run.diffusion.train_schedule)
-    generator = torch.Generator().manual_seed(run.train.seed + 1)
-    history, window = [], []
-    it = iter(batches)
-    start = time.perf_counter()
-    bar = tqdm(range(run.train.steps), desc=f"train {run.name}", mininterval=2.0)
-    for step in bar:
-        loss, gnorm = train_step(model, next(it), optimizer, run, schedule, generator, device_)
-        scheduler.step()
-        ema.update_parameters(model)
-        window.append(loss)
-        if (step + 1) % run.train.log_every == 0 or step + 1 == run.train.steps:
-            elapsed = time.perf_counter() - start
-            row = {"step": step + 1, "loss": float(np.mean(window)), "grad_norm": gnorm,
-                   "lr": scheduler.get_last_lr()[0], "images_per_s": (step + 1) * run.train.batch_size / elapsed}
-            history.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
-            window = []
-    elapsed = time.perf_counter() - start
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"run": run.name, "step": str(run.train.steps)}
-    save_safetensors_atomic(model.state_dict(), out_dir / "model.safetensors", meta)
-    save_safetensors_atomic(ema.module.state_dict(), out_dir / "ema.safetensors", meta)
-    throughput = run.train.steps * run.train.batch_size / elapsed
-    result = TrainResult(run.train.steps, history[-1]["loss"], throughput, history)
-    (out_dir / "train_log.json").write_text(json.dumps(result.__dict__, indent=1))
-    return result
-
-
-def load_weights(run: RunConfig, path: Path, device: str = "cpu") -> nn.Module:
+def load_weights(run: RunConfig, path: Path, device: str | torch.device = "cpu") -> nn.Module:
     """A model for `run` with weights from a safetensors file (no pickle involved)."""
-    from safetensors.torch import load_file
-
     model = build_model(run)
-    model.load_state_dict(load_file(str(path), device=device))
+    model.load_state_dict(load_file(str(path), device=str(device)))
     return model.to(device).eval()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusion.config import ScheduleConfig
-from diffusion.objectives import diffusion_loss, from_x0_eps, q_sample, target, to_x0_eps
+from diffusion.objectives import NoiseDraw, diffusion_loss, from_x0_eps, q_sample, target, to_x0_eps
 from diffusion.schedules import Schedule
 
 
@@ -58,8 +58,10 @@ class Oracle(torch.nn.Module):
 def test_loss_zero_for_perfect_prediction(kind):
     x0 = torch.rand(16, 1, 8, 8, dtype=torch.float64) * 2 - 1
     sched = Schedule(ScheduleConfig("cosine", 0, 0.95, 1))  # keep gamma away from 1e-9 for float accuracy
-    loss = diffusion_loss(Oracle(x0, kind), x0, None, sched, kind, 0.0, torch.Generator().manual_seed(1))
+    noise = NoiseDraw.draw(torch.Generator().manual_seed(1), x0.shape)
+    noise = NoiseDraw(noise.t, noise.eps.double(), noise.u)
+    loss = diffusion_loss(Oracle(x0, kind), x0, None, sched, kind, 0.0, noise)
     assert loss.shape == (16,)
     assert loss.max().item() < 1e-12
-    wrong = diffusion_loss(Oracle(-x0, kind), x0, None, sched, kind, 0.0, torch.Generator().manual_seed(1))
+    wrong = diffusion_loss(Oracle(-x0, kind), x0, None, sched, kind, 0.0, noise)
     assert wrong.mean().item() > 1e-3

@@ -5,7 +5,7 @@ import torch
 
 from diffusion.config import ScheduleConfig
 from diffusion.flops import count_flops, count_params, denoiser_cost
-from diffusion.objectives import diffusion_loss, self_conditioning_state
+from diffusion.objectives import NoiseDraw, diffusion_loss, self_conditioning_state
 from diffusion.schedules import Schedule
 from rin.model import RIN, Attention
 from rin.presets import PRESETS
@@ -76,15 +76,13 @@ def test_no_gradient_reaches_the_first_pass():
     model = _live_model()
     sched = Schedule(ScheduleConfig("sigmoid", -3, 3, 0.9))
     x0 = torch.rand(4, 1, 32, 32) * 2 - 1
-    loss = diffusion_loss(model, x0, None, sched, "eps", 1.0, torch.Generator().manual_seed(3)).mean()
+    noise = NoiseDraw.draw(torch.Generator().manual_seed(3), x0.shape)
+    loss = diffusion_loss(model, x0, None, sched, "eps", 1.0, noise).mean()
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
 
-    g = torch.Generator().manual_seed(3)
-    t = torch.rand(4, generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    gamma = sched(t)
+    eps, gamma = noise.eps, sched(noise.t)
     x_t = gamma.sqrt().view(-1, 1, 1, 1) * x0 + (1 - gamma).sqrt().view(-1, 1, 1, 1) * eps
-    state = self_conditioning_state(model, x_t, gamma, None, 1.0, g)
+    state = self_conditioning_state(model, x_t, gamma, None, torch.ones(4, dtype=torch.bool))
     assert not state.requires_grad
     out, _ = model(x_t, gamma, None, state.clone())
     manual = torch.autograd.grad(((out - eps) ** 2).flatten(1).mean(1).mean(), list(model.parameters()),
@@ -97,12 +95,24 @@ def test_no_gradient_reaches_the_first_pass():
 
 def test_self_conditioning_rate_is_per_example():
     model = _live_model()
-    x_t, gamma = torch.randn(400, 1, 32, 32), torch.rand(400)
+    calls = []
+
+    def spy(x_t, gamma, labels=None, state=None):
+        calls.append(state)
+        return model(x_t, gamma, labels, state)
+
+    x0 = torch.rand(400, 1, 32, 32) * 2 - 1
+    sched = Schedule(ScheduleConfig("sigmoid", -3, 3, 0.9))
+    noise = NoiseDraw.draw(torch.Generator().manual_seed(0), x0.shape)
     with torch.no_grad():
-        state = self_conditioning_state(model, x_t, gamma, None, 0.7, torch.Generator().manual_seed(0))
-    kept = (state.flatten(1).abs().sum(1) > 0).float().mean().item()
-    assert 0.6 < kept < 0.8  # Binomial(400, 0.7): 0.7 +- 5 sd is within this
-    assert self_conditioning_state(model, x_t, gamma, None, 0.0, torch.Generator()) is None
+        diffusion_loss(spy, x0, None, sched, "eps", 0.7, noise)
+    kept = calls[1].flatten(1).abs().sum(1) > 0
+    assert torch.equal(kept, noise.u < 0.7)  # per example, decided by the draw
+    assert 0.6 < kept.float().mean().item() < 0.8  # Binomial(400, 0.7): 0.7 +- 5 sd is within this
+    calls.clear()
+    with torch.no_grad():
+        diffusion_loss(spy, x0[:4], None, sched, "eps", 0.0, noise.rows(0, 4))
+    assert calls == [None]  # rate 0: one pass, no state
 
 
 def test_cifar10_preset_has_paper_size():

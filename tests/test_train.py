@@ -1,4 +1,4 @@
-"""Training: a tiny RIN overfits a small batch of real Fashion-MNIST images; LR schedule; LAMB; NaN guard."""
+"""Training: a tiny RIN overfits real images; LR schedule; LAMB; NaN guard; exact resume; checkpoints."""
 
 import math
 from pathlib import Path
@@ -7,15 +7,18 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion import checkpoint
 from diffusion.config import ScheduleConfig, load_params
 from diffusion.data import load_idx_split
-from diffusion.objectives import diffusion_loss
+from diffusion.distributed import Dist
+from diffusion.objectives import NoiseDraw, diffusion_loss
 from diffusion.optim import Lamb, lr_factor
 from diffusion.schedules import Schedule
 from diffusion.train import ArrayBatches, TrainingDiverged, pad_to, train_step
 from tests.helpers import tiny_rin
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
+CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def real_batch(n: int) -> torch.Tensor:
@@ -34,9 +37,10 @@ def test_tiny_rin_overfits_a_real_batch(optimizer):
     sched = Schedule(ScheduleConfig("sigmoid", -3, 3, 0.9))
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=3e-3) if optimizer == "adamw" else Lamb(params, lr=2e-2)
+    noise = NoiseDraw.draw(torch.Generator().manual_seed(0), x0.shape)  # the same draws every step: memorisable
 
-    def loss_fixed_noise():  # the same (t, eps) draws every step: the batch can be memorised
-        return diffusion_loss(model, x0, None, sched, "eps", 0.5, torch.Generator().manual_seed(0)).mean()
+    def loss_fixed_noise():
+        return diffusion_loss(model, x0, None, sched, "eps", 0.5, noise).mean()
 
     with torch.no_grad():
         first = loss_fixed_noise().item()
@@ -74,18 +78,47 @@ def test_nan_loss_stops_with_clear_error():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     bad = (torch.full((2, 1, 32, 32), math.nan), torch.zeros(2, dtype=torch.long))
-    sched = Schedule(run.diffusion.train_schedule)
-    with pytest.raises(TrainingDiverged, match="loss is nan"):
-        train_step(model, bad, opt, run, sched, torch.Generator().manual_seed(0), torch.device("cpu"))
+    noise = NoiseDraw.draw(torch.Generator().manual_seed(0), (2, 1, 32, 32))
+    with pytest.raises(TrainingDiverged, match="loss nan"):
+        train_step(model, bad, noise, opt, run, Schedule(run.diffusion.train_schedule), CPU)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights untouched
 
 
-def test_array_batches_scale_and_shuffle():
-    images = np.arange(10 * 4 * 4, dtype=np.uint8).reshape(10, 4, 4) * 1
-    images[:, 0, 0] = 255
+def test_array_batches_epochs_and_rank_slices():
+    images = np.arange(10 * 4 * 4, dtype=np.uint8).reshape(10, 4, 4)
     labels = np.arange(10)
-    it = iter(ArrayBatches(images, labels, 5, seed=0, random_flip=False))
-    x1, y1 = next(it)
-    x2, y2 = next(it)
-    assert x1.shape == (5, 1, 4, 4) and x1.max() == 1.0 and x1.min() >= -1
-    assert sorted(torch.cat([y1, y2]).tolist()) == list(range(10))  # one epoch covers every image once
+    src = ArrayBatches(images, labels, 4, seed=0, random_flip=True)
+    x1, y1 = src.batch(0)
+    y2 = src.batch(1)[1]
+    assert x1.shape == (4, 1, 4, 4) and x1.min() >= -1 and x1.max() <= 1
+    assert len(set(torch.cat([y1, y2]).tolist())) == 8  # within an epoch no image repeats
+    assert torch.equal(src.batch(5)[0], ArrayBatches(images, labels, 4, 0, True).batch(5)[0])  # pure in step
+    halves = [src.batch(3, rank=r, world_size=2) for r in range(2)]
+    whole = src.batch(3)
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
+    assert torch.equal(torch.cat([h[1] for h in halves]), whole[1])
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    model = tiny_rin()
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 1, 32, 32), torch.rand(2))[0].sum().backward()
+    opt.step()
+    path = checkpoint.save(tmp_path, 7, model, ema, opt, extra={"note": "x"})
+    assert checkpoint.latest(tmp_path) == path
+    fresh, fresh_ema = tiny_rin(), torch.optim.swa_utils.AveragedModel(tiny_rin())
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    state = checkpoint.load(path, fresh, fresh_ema, fresh_opt)
+    assert state["step"] == 7 and state["note"] == "x"
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    s0, s1 = opt.state_dict()["state"][0], fresh_opt.state_dict()["state"][0]
+    assert torch.equal(s0["exp_avg_sq"], s1["exp_avg_sq"]) and torch.equal(s0["step"], s1["step"])
+    with (path / "model.safetensors").open("r+b") as fh:  # flip one byte
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors: sha256 .* does not match"):
+        checkpoint.load(path, fresh, fresh_ema, fresh_opt)

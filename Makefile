@@ -1,0 +1,40 @@
+# Two entry points: `make run` (set up, then the main job) and `make test` (set up, then the test suite).
+# Both create .venv on first use and reuse it afterwards; nothing outside this folder is needed except
+# Debian's Fashion-MNIST package, which `make data-deps` installs when it is missing (needs root or sudo).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup data-deps run test test-slow lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+data-deps:
+	@if [ ! -d $(FMNIST) ]; then \
+	  echo "installing Debian's dataset-fashion-mnist into $(FMNIST)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+run: setup data-deps
+	$(PY) -m diffusion.cli train rin_fmnist
+	$(PY) -m diffusion.cli sample rin_fmnist
+
+test: setup data-deps
+	$(PY) -m pytest
+
+test-slow: setup data-deps
+	$(PY) -m pytest -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check diffusion rin meme flows tests benchmarks

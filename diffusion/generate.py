@@ -1,0 +1,101 @@
+"""The sample stage: N images across ranks, one seed per image, in resumable chunks; an ADM-layout npz and a grid.
+
+Chunk c holds images [c * chunk, (c + 1) * chunk) and is written by rank c % world_size, so chunk contents (and
+the batch each image is computed in) do not depend on how many processes ran. A finished chunk is skipped on a
+re-run, after its checksum is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffusion.checkpoint import write_text_atomic
+from diffusion.config import RunConfig
+from diffusion.distributed import Dist, barrier
+from diffusion.images import grid, save_png_atomic, to_uint8_nhwc
+from diffusion.registry import resolve_model
+from diffusion.sampling import sample
+from diffusion.train import autocast
+
+
+def sample_labels(seeds: list[int], num_classes: int) -> torch.Tensor | None:
+    """Class of image i: drawn from its own seed, so labels are balanced in expectation and batch-independent."""
+    if not num_classes:
+        return None
+    return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(s + (1 << 40))))
+                         for s in seeds])
+
+
+def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _chunk_done(path: Path) -> bool:
+    meta = path.with_suffix(".json")
+    if not (path.exists() and meta.exists()):
+        return False
+    return hashlib.sha256(path.read_bytes()).hexdigest() == json.loads(meta.read_text())["sha256"]
+
+
+def generate(run: RunConfig, model: torch.nn.Module, out_dir: Path, d: Dist, num_samples: int | None = None,
+             progress: bool = True) -> Path | None:
+    """Write out_dir/chunks/*.npz for this rank, then (rank 0) samples.npz + grid.png. Returns the npz path."""
+    cfg = resolve_model(run)
+    s = run.sample
+    n = num_samples or s.num_samples
+    chunks_dir = out_dir / "chunks"
+    chunks_dir.mkdir(parents=True, exist_ok=True)
+    shape = (cfg.channels, *cfg.data_shape)
+    starts = list(range(0, n, s.batch_size))
+    mine = [c for i, c in enumerate(starts) if i % d.world_size == d.rank]
+    bar = tqdm(mine, desc=f"sample {run.name} (rank {d.rank})", disable=not progress)
+    for start in bar:
+        path = chunks_dir / f"chunk-{start:08d}.npz"
+        if _chunk_done(path):
+            continue
+        seeds = [s.seed + i for i in range(start, min(start + s.batch_size, n))]
+        labels = sample_labels(seeds, cfg.num_classes)
+        with autocast(run.train.precision, d.device):
+            x = sample(model, shape, seeds, s, run.diffusion.prediction,
+                       labels=None if labels is None else labels.to(d.device), device=d.device)
+        arrays = {"images": to_uint8_nhwc(x)} | ({"labels": labels.numpy()} if labels is not None else {})
+        digest = _write_npz_atomic(path, **arrays)
+        write_text_atomic(path.with_suffix(".json"), json.dumps({"seeds": [seeds[0], seeds[-1]], "sha256": digest}))
+    barrier(d)
+    if not d.is_main:
+        return None
+    return assemble(out_dir, starts, cfg.num_classes > 0)
+
+
+def assemble(out_dir: Path, starts: list[int], conditional: bool) -> Path:
+    """Concatenate the chunks in seed order into samples.npz (arr_0 uint8 NHWC, arr_1 labels) and grid.png."""
+    images, labels = [], []
+    for start in starts:
+        path = out_dir / "chunks" / f"chunk-{start:08d}.npz"
+        if not _chunk_done(path):
+            raise RuntimeError(f"{path} is missing or corrupt; re-run the sample stage to regenerate it")
+        with np.load(path) as z:
+            images.append(z["images"])
+            if conditional:
+                labels.append(z["labels"])
+    arrays = {"arr_0": np.concatenate(images)} | ({"arr_1": np.concatenate(labels)} if conditional else {})
+    npz = out_dir / "samples.npz"
+    _write_npz_atomic(npz, **arrays)
+    first = arrays["arr_0"][:64]
+    if first.ndim == 5:  # video (N, T, H, W, C): a grid of first frames
+        first = first[:, 0]
+    save_png_atomic(grid(first), out_dir / "grid.png", scale=max(1, 96 // first.shape[1]))
+    return npz
