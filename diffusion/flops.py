@@ -34,9 +34,8 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
-    """Total FLOPs of calling fn() and a per-operator breakdown."""
+    """Total FLOPs of calling fn() (backward passes included if fn runs them) and a per-operator breakdown."""
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     by_op = {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()}
@@ -49,5 +48,6 @@ def denoiser_cost(model: nn.Module, data_shape: tuple[int, ...], channels: int, 
     x = torch.zeros(1, channels, *data_shape)
     gamma = torch.full((1,), 0.5)
     labels = torch.zeros(1, dtype=torch.long) if num_classes else None
-    flops, by_op = count_flops(lambda: model(x, gamma, labels, None))
+    with torch.no_grad():
+        flops, by_op = count_flops(lambda: model(x, gamma, labels, None))
     return Cost(params=count_params(model), flops=flops, by_op=by_op)
