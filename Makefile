@@ -27,8 +27,7 @@ data-deps:
 	fi
 
 run: setup data-deps
-	$(PY) -m diffusion.cli train rin_fmnist
-	$(PY) -m diffusion.cli sample rin_fmnist
+	dvc repro
 
 test: setup data-deps
 	$(PY) -m pytest

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
+from diffusion.checkpoint import CheckpointError
 from diffusion.config import ConfigError, load_params
+from diffusion.shards import DataError
+from diffusion.train import TrainingDiverged
 
 OUTPUTS = Path("outputs")
 
@@ -40,25 +44,15 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_source(run, shard_root: Path):
-    from diffusion.data import load_idx_split
-    from diffusion.train import ArrayBatches, pad_to
-
-    if run.dataset.source not in ("mnist", "fashion_mnist"):
-        raise ConfigError(f"dataset source {run.dataset.source!r} needs its shards; run the shard stage first")
-    images, labels = load_idx_split(run.dataset.root, "train")
-    images = pad_to(images, run.dataset.resolution)
-    return ArrayBatches(images, labels, run.train.batch_size, run.train.seed, run.dataset.random_flip)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from diffusion import distributed
+    from diffusion.sources import training_source
     from diffusion.train import Trainer
 
     run = load_params(args.params).run(args.run)
     d = distributed.init(args.device)
     out = Path(args.out or OUTPUTS / run.name / "train")
-    source = _train_source(run, Path(args.shards or f"data/shards/{run.dataset_name}"))
+    source = training_source(run, args.shards or f"data/shards/{run.dataset_name}", d.rank, d.world_size)
     trainer = Trainer(run, out, d)
     live = None
     if d.is_main:
@@ -80,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from diffusion import distributed
-    from diffusion.generate import generate
+    from diffusion.generate import generate, sampling_fingerprint
     from diffusion.train import load_weights
 
     run = load_params(args.params).run(args.run)
@@ -92,7 +86,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load_weights(run, weights, d.device)
     out = Path(args.out or OUTPUTS / run.name / "samples")
     try:
-        npz = generate(run, model, out, d, num_samples=args.num_samples)
+        npz = generate(run, model, out, d, sampling_fingerprint(run, weights), num_samples=args.num_samples)
     finally:
         distributed.shutdown(d)
     if npz is not None:
@@ -140,9 +134,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, DataError, CheckpointError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

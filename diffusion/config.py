@@ -106,6 +106,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"]  # bf16 autocast with fp32 master weights
     log_every: int = bounded(ge=1)
     checkpoint_every: int = bounded(ge=1)
+    data: Literal["memory", "stream"]  # memory: whole split in RAM, exact resume; stream: WebDataset shards
+    num_workers: int = bounded(ge=0)  # DataLoader workers of the stream source
     sample_every: int = bounded(ge=0)  # a preview grid (EMA weights, 16 images) every N steps; 0 disables
 
 
@@ -143,7 +145,16 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class PipelineConfig:
+    """What `dvc repro` builds on this machine: a shard stage per listed dataset (every run under `runs` is
+    trained, sampled and evaluated, so its dataset must be listed here)."""
+
+    datasets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Params:
+    pipeline: PipelineConfig
     datasets: dict[str, DatasetConfig]
     runs: dict[str, RunConfig]
 
@@ -278,15 +289,21 @@ _RUN_SECTIONS = ("dataset", "model", "diffusion", "train", "sample", "eval")
 
 def parse_params(raw: Mapping[str, Any]) -> Params:
     """Turn the parsed YAML into typed objects, validating everything (including model overrides)."""
+    top = ("pipeline", "datasets", "defaults", "runs")
     if not isinstance(raw, Mapping):
-        raise ConfigError("params.yaml must be a mapping with keys datasets, defaults, runs")
-    unknown = sorted(set(raw) - {"datasets", "defaults", "runs"})
+        raise ConfigError(f"params.yaml must be a mapping with keys {', '.join(top)}")
+    unknown = sorted(set(raw) - set(top))
     if unknown:
-        raise ConfigError(f"params.yaml: unknown top-level key {unknown[0]}; allowed: datasets, defaults, runs")
-    for key in ("datasets", "defaults", "runs"):
+        raise ConfigError(f"params.yaml: unknown top-level key {unknown[0]}; allowed: {', '.join(top)}")
+    for key in top:
         if not isinstance(raw.get(key), Mapping):
             raise ConfigError(f"params.yaml: missing or malformed top-level section {key!r} (a mapping)")
     datasets = {name: build_dataclass(DatasetConfig, d, f"datasets.{name}") for name, d in raw["datasets"].items()}
+    pipeline = build_dataclass(PipelineConfig, raw["pipeline"], "pipeline")
+    for i, name in enumerate(pipeline.datasets):
+        if name not in datasets:
+            raise ConfigError(f"params.yaml: pipeline.datasets[{i}] must name one of the datasets {sorted(datasets)}, "
+                              f"got {name!r}")
     runs = {}
     for name, run_raw in raw["runs"].items():
         if not isinstance(run_raw, Mapping):
@@ -294,6 +311,10 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
         unknown = sorted(set(run_raw) - set(_RUN_SECTIONS))
         if unknown:
             raise ConfigError(f"params.yaml: unknown key runs.{name}.{unknown[0]}; allowed: {list(_RUN_SECTIONS)}")
+        missing = [k for k in _RUN_SECTIONS if k not in run_raw]
+        if missing:  # dvc.yaml lists runs.<name>.<section> as stage params, so each must exist (`{}` is fine)
+            raise ConfigError(f"params.yaml: missing key runs.{name}.{missing[0]} (write `{missing[0]}: {{}}` to take "
+                              "the defaults)")
         merged = deep_merge(raw["defaults"], run_raw)
         dataset_name = merged.get("dataset")
         if dataset_name not in datasets:
@@ -301,6 +322,9 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
                 f"params.yaml: runs.{name}.dataset must name one of the datasets {sorted(datasets)}, "
                 f"got {dataset_name!r}"
             )
+        if dataset_name not in pipeline.datasets:
+            raise ConfigError(f"params.yaml: runs.{name}.dataset {dataset_name!r} has no shard stage: add it to "
+                              "pipeline.datasets")
         merged = {k: v for k, v in merged.items() if k != "dataset"}
         run = build_dataclass(
             RunConfig,
@@ -312,7 +336,7 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
 
         resolve_model(run)  # validates preset name and overrides now, not at train time
         runs[name] = run
-    return Params(datasets=datasets, runs=runs)
+    return Params(pipeline=pipeline, datasets=datasets, runs=runs)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

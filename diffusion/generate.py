@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.checkpoint import write_text_atomic
+from diffusion.checkpoint import sha256, write_text_atomic
 from diffusion.config import RunConfig
 from diffusion.distributed import Dist, barrier
 from diffusion.images import grid, save_png_atomic, to_uint8_nhwc
@@ -43,19 +44,30 @@ def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _chunk_done(path: Path) -> bool:
+def _chunk_done(path: Path, fingerprint: str) -> bool:
+    """A chunk counts as done when it matches its checksum and was drawn with the same weights and settings."""
     meta = path.with_suffix(".json")
     if not (path.exists() and meta.exists()):
         return False
-    return hashlib.sha256(path.read_bytes()).hexdigest() == json.loads(meta.read_text())["sha256"]
+    info = json.loads(meta.read_text())
+    return info.get("fingerprint") == fingerprint and hashlib.sha256(path.read_bytes()).hexdigest() == info["sha256"]
 
 
-def generate(run: RunConfig, model: torch.nn.Module, out_dir: Path, d: Dist, num_samples: int | None = None,
-             progress: bool = True) -> Path | None:
+def sampling_fingerprint(run: RunConfig, weights: Path) -> str:
+    """The weights file's hash plus every setting that changes the images (batch_size included: it sets chunks)."""
+    s = asdict(run.sample)
+    blob = {"weights": sha256(weights), "sample": s, "prediction": run.diffusion.prediction,
+            "precision": run.train.precision}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def generate(run: RunConfig, model: torch.nn.Module, out_dir: Path, d: Dist, fingerprint: str,
+             num_samples: int | None = None, progress: bool = True) -> Path | None:
     """Write out_dir/chunks/*.npz for this rank, then (rank 0) samples.npz + grid.png. Returns the npz path."""
     cfg = resolve_model(run)
     s = run.sample
     n = num_samples or s.num_samples
+    fingerprint = hashlib.sha256(f"{fingerprint}/{n}".encode()).hexdigest()  # n sets the last chunk's size
     chunks_dir = out_dir / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
     shape = (cfg.channels, *cfg.data_shape)
@@ -64,7 +76,7 @@ def generate(run: RunConfig, model: torch.nn.Module, out_dir: Path, d: Dist, num
     bar = tqdm(mine, desc=f"sample {run.name} (rank {d.rank})", disable=not progress)
     for start in bar:
         path = chunks_dir / f"chunk-{start:08d}.npz"
-        if _chunk_done(path):
+        if _chunk_done(path, fingerprint):
             continue
         seeds = [s.seed + i for i in range(start, min(start + s.batch_size, n))]
         labels = sample_labels(seeds, cfg.num_classes)
@@ -73,19 +85,20 @@ def generate(run: RunConfig, model: torch.nn.Module, out_dir: Path, d: Dist, num
                        labels=None if labels is None else labels.to(d.device), device=d.device)
         arrays = {"images": to_uint8_nhwc(x)} | ({"labels": labels.numpy()} if labels is not None else {})
         digest = _write_npz_atomic(path, **arrays)
-        write_text_atomic(path.with_suffix(".json"), json.dumps({"seeds": [seeds[0], seeds[-1]], "sha256": digest}))
+        info = {"seeds": [seeds[0], seeds[-1]], "sha256": digest, "fingerprint": fingerprint}
+        write_text_atomic(path.with_suffix(".json"), json.dumps(info))
     barrier(d)
     if not d.is_main:
         return None
-    return assemble(out_dir, starts, cfg.num_classes > 0)
+    return assemble(out_dir, starts, cfg.num_classes > 0, fingerprint)
 
 
-def assemble(out_dir: Path, starts: list[int], conditional: bool) -> Path:
+def assemble(out_dir: Path, starts: list[int], conditional: bool, fingerprint: str) -> Path:
     """Concatenate the chunks in seed order into samples.npz (arr_0 uint8 NHWC, arr_1 labels) and grid.png."""
     images, labels = [], []
     for start in starts:
         path = out_dir / "chunks" / f"chunk-{start:08d}.npz"
-        if not _chunk_done(path):
+        if not _chunk_done(path, fingerprint):
             raise RuntimeError(f"{path} is missing or corrupt; re-run the sample stage to regenerate it")
         with np.load(path) as z:
             images.append(z["images"])

@@ -8,7 +8,9 @@ repeats exactly what an uninterrupted one would have done, and N processes see t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -27,13 +29,15 @@ from tqdm.auto import tqdm
 from diffusion import checkpoint
 from diffusion.checkpoint import write_text_atomic
 from diffusion.config import RunConfig
-from diffusion.distributed import Dist, all_reduce_mean
+from diffusion.distributed import Dist, all_reduce_mean, barrier
 from diffusion.images import grid, to_uint8_nhwc
 from diffusion.objectives import NoiseDraw, diffusion_loss
 from diffusion.optim import lr_factor, make_optimizer
 from diffusion.registry import build_model, resolve_model
 from diffusion.sampling import sample
 from diffusion.schedules import Schedule
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,49 +65,15 @@ def autocast(precision: str, device: torch.device):
     return nullcontext()
 
 
-def pad_to(images: np.ndarray, resolution: int) -> np.ndarray:
-    """(N, h, w) or (N, h, w, C) uint8 -> zero-padded (centred) to resolution x resolution."""
-    h, w = images.shape[1:3]
-    if h > resolution or w > resolution:
-        raise ValueError(f"images of {h}x{w} do not fit in resolution {resolution}; resize them first")
-    top, left = (resolution - h) // 2, (resolution - w) // 2
-    widths = [(0, 0), (top, resolution - h - top), (left, resolution - w - left)] + [(0, 0)] * (images.ndim - 3)
-    return np.pad(images, widths)
-
-
-class ArrayBatches:
-    """Shuffled global batches from an in-memory uint8 array, as a pure function of the step: epoch e uses the
-    permutation seeded by (seed, e); flips are seeded by (seed, step). Ranks take contiguous slices."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, random_flip: bool):
-        x = torch.from_numpy(np.ascontiguousarray(images))
-        self.images = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W) uint8
-        self.labels = torch.from_numpy(np.asarray(labels)).long()
-        if batch_size > len(self.images):
-            raise ValueError(f"batch_size {batch_size} exceeds the {len(self.images)} training images")
-        self.batch_size, self.seed, self.random_flip = batch_size, seed, random_flip
-        self.per_epoch = len(self.images) // batch_size
-        self._perm: tuple[int, Tensor] | None = None
-
-    def _order(self, epoch: int) -> Tensor:
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(len(self.images), generator=g))
-        return self._perm[1]
-
-    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
-        if self.batch_size % world_size:
-            raise ValueError(f"train.batch_size {self.batch_size} must be divisible by the {world_size} processes")
-        epoch, i = divmod(step, self.per_epoch)
-        idx = self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
-        local = self.batch_size // world_size
-        idx = idx[rank * local : (rank + 1) * local]
-        x = self.images[idx].float() / 127.5 - 1.0
-        if self.random_flip:
-            g = torch.Generator().manual_seed(self.seed * 7_919 + step)
-            flip = (torch.rand(self.batch_size, generator=g) < 0.5)[rank * local : (rank + 1) * local]
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, self.labels[idx]
+def training_fingerprint(run: RunConfig) -> str:
+    """What a checkpoint must agree with to be resumed: model, dataset, objective and every training setting that
+    changes the trajectory (train.steps included: it sets the cosine decay). Logging intervals are left out."""
+    t = asdict(run.train)
+    for key in ("log_every", "checkpoint_every", "sample_every", "num_workers"):
+        t.pop(key)
+    blob = {"model": asdict(resolve_model(run)), "dataset": asdict(run.dataset), "diffusion": asdict(run.diffusion),
+            "train": t}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -141,7 +111,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, run.train)
         self.ddp = DistributedDataParallel(self.model) if d.enabled else self.model
         self.schedule = Schedule(run.diffusion.train_schedule)
-        self.model_config = json.dumps(asdict(resolve_model(run)), sort_keys=True)
+        self.fingerprint = training_fingerprint(run)
         self.step = 0
 
     @property
@@ -149,20 +119,29 @@ class Trainer:
         return self.out / "checkpoints"
 
     def resume(self) -> int:
+        """Continue from the newest checkpoint written for this exact configuration. Checkpoints of another
+        configuration (an edited params.yaml) are moved aside, never deleted, and training starts over."""
         path = checkpoint.latest(self.ckpt_dir)
         if path is None:
             return 0
-        state = checkpoint.load(path, self.model, self.ema, self.optimizer)
-        if state.get("model_config") != self.model_config:
-            raise checkpoint.CheckpointError(
-                f"{path} was written for a different model configuration; move {self.ckpt_dir} away to start over")
+        state = json.loads((path / "state.json").read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            aside = self.ckpt_dir.with_name(f"checkpoints.stale-{int(time.time())}")
+            if self.d.is_main:
+                self.ckpt_dir.rename(aside)
+                log.warning("%s: checkpoints were written for another configuration; moved to %s, starting over",
+                            self.run.name, aside)
+            barrier(self.d)
+            return 0
+        checkpoint.load(path, self.model, self.ema, self.optimizer)
         self.step = int(state["step"])
+        log.info("%s: resumed from %s", self.run.name, path)
         return self.step
 
     def save(self) -> None:
         if self.d.is_main:
             checkpoint.save(self.ckpt_dir, self.step, self.model, self.ema, self.optimizer,
-                            extra={"run": self.run.name, "model_config": self.model_config})
+                            extra={"run": self.run.name, "fingerprint": self.fingerprint})
 
     def set_lr(self) -> float:
         lr = self.run.train.lr * lr_factor(self.step, self.run.train)
@@ -192,7 +171,8 @@ class Trainer:
         with autocast(run.train.precision, self.d.device):
             x = sample(self.ema.module.eval(), (cfg.channels, *cfg.data_shape), list(range(n)), quick,
                        run.diffusion.prediction, labels=labels, device=self.d.device)
-        return grid(to_uint8_nhwc(x), ncols=8)
+        image = grid(to_uint8_nhwc(x), ncols=8)  # (H, W, C)
+        return image[..., 0] if image.shape[-1] == 1 else image
 
     def fit(self, source: BatchSource, live=None) -> TrainResult:
         t = self.run.train
@@ -216,10 +196,10 @@ class Trainer:
                         live.log_metric(f"train/{k}", row[k])
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
-            if live is not None and t.sample_every and self.step % t.sample_every == 0:
-                live.log_image(f"preview/step-{self.step:08d}.png", self.preview())
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                 self.save()
+            if live is not None and t.sample_every and self.step % t.sample_every == 0:
+                live.log_image(f"preview/step-{self.step:08d}.png", self.preview())
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -237,6 +217,9 @@ class Trainer:
         save_weights(self.model.state_dict(), self.out / "model.safetensors", meta)
         save_weights(self.ema.module.state_dict(), self.out / "ema.safetensors", meta)
         write_text_atomic(self.out / "train_log.json", json.dumps(asdict(result), indent=1))
+        summary = {"steps": result.steps, "final_loss": result.final_loss, "images_per_s": result.images_per_s,
+                   "images_seen": result.steps * self.run.train.batch_size}
+        write_text_atomic(self.out / "metrics.json", json.dumps(summary, indent=1))
 
 
 def save_weights(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -75,6 +75,15 @@ def test_missing_key_is_named(raw):
         parse_params(_with(raw, "datasets.fashion_mnist.root", None, delete=True))
 
 
+def test_pipeline_and_run_sections(raw):
+    with pytest.raises(ConfigError, match=r"missing key runs\.rin_fmnist\.eval \(write `eval: \{\}`"):
+        parse_params(_with(raw, "runs.rin_fmnist.eval", None, delete=True))
+    with pytest.raises(ConfigError, match=r"pipeline\.datasets\[0\] must name one of the datasets"):
+        parse_params(_with(raw, "pipeline.datasets", ["fashion"]))
+    with pytest.raises(ConfigError, match=r"'fashion_mnist' has no shard stage: add it to pipeline\.datasets"):
+        parse_params(_with(raw, "pipeline.datasets", ["mnist"]))
+
+
 def test_unknown_top_level_and_run_section(raw):
     with pytest.raises(ConfigError, match="unknown top-level key trainer"):
         parse_params(raw | {"trainer": {}})

@@ -17,19 +17,40 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 pytestmark = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="needs Fashion-MNIST")
 
 
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """512 real Fashion-MNIST training images in shards of 128, written by the shard stage's own function."""
+    import dataclasses
+
+    from diffusion.config import load_params
+    from diffusion.data import write_dataset_shards
+
+    cfg = dataclasses.replace(load_params(REPO / "params.yaml").datasets["fashion_mnist"], max_samples=512,
+                              shard_size=128)
+    out = tmp_path_factory.mktemp("shards")
+    write_dataset_shards(cfg, "fashion_mnist", out, splits=("train",))
+    return out
+
+
 def tiny_params(tmp_path: Path, **train) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["runs"] = {"tiny": {
         "dataset": "fashion_mnist",
         "model": {"preset": "rin_tiny"},
+        "diffusion": {},
+        "eval": {},
         "train": {"steps": 8, "batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "warmup_steps": 2,
                   "precision": "fp32", "log_every": 2, "checkpoint_every": 4, "sample_every": 0,
-                  "ema_decay": 0.9} | train,
+                  "ema_decay": 0.9, "data": "memory"} | train,
         "sample": {"steps": 4, "num_samples": 6, "batch_size": 4},
     }}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def train_cmd(params: Path, out: Path, shards: Path, nproc: int = 0) -> list[str]:
+    return cli(params, "train", "tiny", "--out", str(out), "--shards", str(shards), "--device", "cpu", nproc=nproc)
 
 
 def cli(params: Path, *args: str, nproc: int = 0) -> list[str]:
@@ -47,10 +68,10 @@ def weights(folder: Path, name: str = "model") -> dict:
     return load_file(str(folder / f"{name}.safetensors"))
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, shards):
     params = tiny_params(tmp_path)
-    run_ok(cli(params, "train", "tiny", "--out", str(tmp_path / "one"), "--device", "cpu"))
-    run_ok(cli(params, "train", "tiny", "--out", str(tmp_path / "two"), "--device", "cpu", nproc=2))
+    run_ok(train_cmd(params, tmp_path / "one", shards))
+    run_ok(train_cmd(params, tmp_path / "two", shards, nproc=2))
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
@@ -59,12 +80,12 @@ def test_two_processes_match_one(tmp_path):
     assert not np.allclose(first.numpy(), 0)
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, shards):
     params = tiny_params(tmp_path, steps=24, checkpoint_every=4)
-    run_ok(cli(params, "train", "tiny", "--out", str(tmp_path / "straight"), "--device", "cpu"))
+    run_ok(train_cmd(params, tmp_path / "straight", shards))
     out = tmp_path / "killed"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cli(params, "train", "tiny", "--out", str(out), "--device", "cpu"), cwd=REPO,
+    proc = subprocess.Popen(train_cmd(params, out, shards), cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoints" / "step-00000008").exists():
@@ -72,7 +93,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
-    run_ok(cli(params, "train", "tiny", "--out", str(out), "--device", "cpu"))
+    run_ok(train_cmd(params, out, shards))
     log = yaml.safe_load((out / "train_log.json").read_text())
     assert log["resumed_from"] >= 8
     for name in ("model", "ema"):
@@ -80,10 +101,10 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a), name
 
 
-def test_sample_sets_identical_for_one_and_two_processes(tmp_path):
+def test_sample_sets_identical_for_one_and_two_processes(tmp_path, shards):
     params = tiny_params(tmp_path, steps=2)
     train_dir = tmp_path / "train"
-    run_ok(cli(params, "train", "tiny", "--out", str(train_dir), "--device", "cpu"))
+    run_ok(train_cmd(params, train_dir, shards))
     base = ["sample", "tiny", "--weights", str(train_dir), "--device", "cpu"]
     run_ok(cli(params, *base, "--out", str(tmp_path / "s1")))
     run_ok(cli(params, *base, "--out", str(tmp_path / "s2"), nproc=2))
@@ -97,3 +118,15 @@ def test_sample_sets_identical_for_one_and_two_processes(tmp_path):
     stamp = chunk.stat().st_mtime_ns
     run_ok(cli(params, *base, "--out", str(tmp_path / "s1")))  # a re-run keeps finished chunks
     assert chunk.stat().st_mtime_ns == stamp
+
+
+def test_changed_config_starts_over_and_keeps_old_checkpoints(tmp_path, shards):
+    out = tmp_path / "run"
+    run_ok(train_cmd(tiny_params(tmp_path, steps=4), out, shards))
+    run_ok(train_cmd(tiny_params(tmp_path, steps=4, lr=5e-4), out, shards))
+    log = yaml.safe_load((out / "train_log.json").read_text())
+    assert log["resumed_from"] == 0
+    stale = list(tmp_path.glob("run/checkpoints.stale-*"))
+    assert len(stale) == 1 and (stale[0] / "latest").exists()
+    run_ok(train_cmd(tiny_params(tmp_path, steps=4, lr=5e-4, log_every=1), out, shards))  # logging only: resumes
+    assert yaml.safe_load((out / "train_log.json").read_text())["resumed_from"] == 4

@@ -14,7 +14,8 @@ from diffusion.distributed import Dist
 from diffusion.objectives import NoiseDraw, diffusion_loss
 from diffusion.optim import Lamb, lr_factor
 from diffusion.schedules import Schedule
-from diffusion.train import ArrayBatches, TrainingDiverged, pad_to, train_step
+from diffusion.sources import ArrayBatches, pad_to
+from diffusion.train import TrainingDiverged, train_step
 from tests.helpers import tiny_rin
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -122,3 +123,21 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
         fh.write(bytes([last[0] ^ 0xFF]))
     with pytest.raises(checkpoint.CheckpointError, match="model.safetensors: sha256 .* does not match"):
         checkpoint.load(path, fresh, fresh_ema, fresh_opt)
+
+
+def test_preview_grid_is_a_loggable_image(tmp_path):
+    import dataclasses
+
+    from dvclive import Live
+
+    from diffusion.train import Trainer
+
+    run = load_params().run("rin_fmnist")
+    run = dataclasses.replace(run, model=dataclasses.replace(run.model, preset="rin_tiny"),
+                              sample=dataclasses.replace(run.sample, steps=2))
+    trainer = Trainer(run, tmp_path, CPU)
+    image = trainer.preview(n=4)
+    assert image.dtype == np.uint8 and image.ndim == 2  # grayscale: (H, W), which PIL and dvclive accept
+    with Live(dir=str(tmp_path / "live"), save_dvc_exp=False, dvcyaml=False) as live:
+        live.log_image("preview/x.png", image)
+    assert (tmp_path / "live" / "plots" / "images" / "preview" / "x.png").stat().st_size > 0
