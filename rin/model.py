@@ -152,6 +152,20 @@ class RINBlock(nn.Module):
         return z, x
 
 
+def sincos_positions(grid: tuple[int, ...], dim: int) -> Tensor:
+    """(prod(grid), dim) sin-cos features: dim split evenly over the axes, each axis half sin, half cos of its
+    coordinate at geometric frequencies (Vaswani et al. 2017, per axis as in MAE / pix2seq)."""
+    per_axis = (dim // len(grid)) // 2 * 2
+    coords = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid), indexing="ij")
+    feats = []
+    for c in coords:
+        freqs = 1.0 / 10000 ** (torch.arange(per_axis // 2, dtype=torch.float64) / max(per_axis // 2, 1))
+        arg = c.reshape(-1, 1) * freqs[None]  # (n, per_axis / 2)
+        feats += [arg.sin(), arg.cos()]
+    out = torch.cat(feats, dim=1)
+    return torch.nn.functional.pad(out, (0, dim - out.shape[1])).float()  # (n, dim)
+
+
 class PatchTokenizer(nn.Module):
     """Non-overlapping 2-D or 3-D patches -> LayerNorm'd tokens + learned positions, and the inverse readout."""
 
@@ -162,10 +176,11 @@ class PatchTokenizer(nn.Module):
         self.patch, self.channels = patch, channels
         self.stem = conv(channels, dim, kernel_size=patch, stride=patch)
         self.norm = nn.LayerNorm(dim)
-        self.pos = nn.Parameter(torch.zeros(math.prod(self.grid), dim))
+        # Learned positions, initialised with fixed sin-cos features (pix2seq's `sin_cos_plus_learned`): tokens are
+        # LayerNorm'd to unit scale first, so a 0.02-scale random start would leave position nearly invisible.
+        self.pos = nn.Parameter(sincos_positions(self.grid, dim))
         self.out_norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, math.prod(patch) * channels)
-        nn.init.trunc_normal_(self.pos, std=0.02)
         axes = "t h w"[-2 * len(patch) + 1 :].split()  # ["h", "w"] or ["t", "h", "w"]
         pats = [f"p{i}" for i in range(len(patch))]
         self._unpatch = (

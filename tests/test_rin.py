@@ -134,3 +134,14 @@ def test_denoiser_cost_scales_with_tokens():
     small = denoiser_cost(RIN(tiny_config(patch=(8, 8))), (32, 32), 1)
     large = denoiser_cost(RIN(tiny_config(patch=(4, 4))), (32, 32), 1)
     assert large.flops > small.flops and large.params < small.params  # more tokens, smaller readout
+
+
+@pytest.mark.parametrize("grid,dim", [((8, 8), 96), ((4, 8, 8), 128), ((16, 16), 256)])
+def test_initial_positions_tell_every_token_apart(grid, dim):
+    from rin.model import sincos_positions
+
+    pos = sincos_positions(grid, dim)
+    dist = torch.cdist(pos, pos)
+    n = pos.shape[0]
+    assert pos.shape == (n, dim) and n == torch.Size(grid).numel()
+    assert dist[~torch.eye(n, dtype=torch.bool)].min() > 0.1  # no two positions (nearly) coincide

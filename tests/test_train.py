@@ -141,3 +141,27 @@ def test_preview_grid_is_a_loggable_image(tmp_path):
     with Live(dir=str(tmp_path / "live"), save_dvc_exp=False, dvcyaml=False) as live:
         live.log_image("preview/x.png", image)
     assert (tmp_path / "live" / "plots" / "images" / "preview" / "x.png").stat().st_size > 0
+
+
+def test_ema_warms_up_then_tracks_with_its_decay():
+    from torch.optim.swa_utils import AveragedModel
+
+    from diffusion.train import ema_update
+
+    w = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(w.weight)
+    ema = AveragedModel(w, multi_avg_fn=ema_update(0.99), use_buffers=True)
+    with torch.no_grad():
+        w.weight.fill_(1.0)
+    ema.update_parameters(w)  # n=0 copies
+    ema.update_parameters(w)  # n=1: decay (1+1)/(10+1)
+    assert ema.module.weight.item() == pytest.approx(1.0)
+    with torch.no_grad():
+        w.weight.fill_(0.0)
+    for _ in range(200):
+        ema.update_parameters(w)  # decay reaches 0.99 after ~890 updates: still warming up here
+    n = ema.n_averaged.item()
+    expected = 1.0
+    for k in range(n - 200, n):
+        expected *= min(0.99, (1 + k) / (10 + k))
+    assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5)
