@@ -1,4 +1,5 @@
-"""Stage entry points: `python -m diffusion.cli {flops,shard,train,sample} ...` (the commands dvc.yaml runs)."""
+"""Stage entry points: `python -m diffusion.cli {flops,shard,train,sample,refstats,evaluate,report} ...` (the
+commands dvc.yaml runs)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,56 @@ def cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_error(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def cmd_refstats(args: argparse.Namespace) -> int:
+    from diffusion.evaluate import feature_network, write_refstats
+    from diffusion.metrics import WeightsError
+
+    params = load_params(args.params)
+    if args.dataset not in params.evaluation.references:
+        raise ConfigError(f"params.yaml: evaluation.references has no entry {args.dataset!r}; it has "
+                          f"{sorted(params.evaluation.references)}")
+    try:
+        net = feature_network()
+    except WeightsError as err:
+        return _weights_error(err)
+    path = write_refstats(args.dataset, params.datasets[args.dataset], params.evaluation.references[args.dataset],
+                          args.shards or f"data/shards/{args.dataset}", args.out, net)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from diffusion.evaluate import evaluate_run
+    from diffusion.metrics import WeightsError
+
+    params = load_params(args.params)
+    run = params.run(args.run)
+    samples = Path(args.samples or OUTPUTS / run.name / "samples" / "samples.npz")
+    out = Path(args.out or OUTPUTS / run.name / "eval")
+    try:
+        m = evaluate_run(params, run, samples, Path(args.refstats), out)
+    except WeightsError as err:
+        return _weights_error(err)
+    flag = " (singular covariance: exact SVD FID)" if m["singular"] else ""
+    print(f"{run.name}: FID {m['fid']:.3f} from {m['num_samples']} samples vs {m['num_reference']} "
+          f"{m['reference_split']} images{flag}; IS {m['inception_score']} -> {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from diffusion.report import write_report
+
+    params = load_params(args.params)
+    path = write_report(params.evaluation.report, sorted(params.runs), Path(args.outputs), Path(args.out))
+    print(f"wrote {path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diffusion.cli", description=__doc__)
     p.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
@@ -129,6 +180,21 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--num-samples", type=int, help="override sample.num_samples")
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     m.set_defaults(fn=cmd_sample)
+    r = sub.add_parser("refstats", help="cache Inception features of a dataset's reference images (FID)")
+    r.add_argument("--dataset", required=True, help="a dataset named in params.yaml evaluation.references")
+    r.add_argument("--shards", help="the dataset's shard root (default data/shards/<dataset>)")
+    r.add_argument("--out", default="data/refstats", help="cache root; writes <out>/<dataset>/<split>-<n>.npz")
+    r.set_defaults(fn=cmd_refstats)
+    e = sub.add_parser("evaluate", help="FID (and IS when configured) of a run's samples -> eval/metrics.json")
+    e.add_argument("run", help="a run name from params.yaml")
+    e.add_argument("--samples", help="the samples npz (default outputs/<run>/samples/samples.npz)")
+    e.add_argument("--refstats", default="data/refstats", help="root of the cached reference features")
+    e.add_argument("--out", help="output folder (default outputs/<run>/eval)")
+    e.set_defaults(fn=cmd_evaluate)
+    o = sub.add_parser("report", help="paper tables beside our numbers, curves and sample grids")
+    o.add_argument("--outputs", default=str(OUTPUTS), help="root of the runs' outputs (default outputs)")
+    o.add_argument("--out", default=str(OUTPUTS / "report"), help="report folder (default outputs/report)")
+    o.set_defaults(fn=cmd_report)
     return p
 
 

@@ -129,7 +129,9 @@ class SampleConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     reference_split: Literal["train", "test"]  # real images the sample statistics are compared with
-    num_reference: int = bounded(ge=1)
+    num_reference: int = bounded(ge=2)  # the first N of the dataset's cached reference set (evaluation.references)
+    is_classifier: str | None  # torchvision inception_v3 state dict for the Inception Score; null: "not available"
+    is_splits: int = bounded(ge=1)  # IS is the mean and std over this many chunks of the samples (10 in the papers)
 
 
 @dataclass(frozen=True)
@@ -153,10 +155,34 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class ReferenceSet:
+    """Real images every run on one dataset is compared with; refstats@<dataset> caches their Inception features."""
+
+    split: Literal["train", "test"]
+    num_images: int = bounded(ge=2)  # the first N of the split in shard order (a seeded shuffle); runs take <= N
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """Where a run appears in the report: a row of one of the papers' tables (diffusion/report.py PAPER_TABLES)."""
+
+    table: Literal["rin_table2", "rin_table3", "meme_table1", "meme_table2"]
+    row: str  # a row key of that table, e.g. cifar10
+    scale: str  # what the row says about our scale beside dataset and samples, e.g. "CPU scale"; "" for none
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    references: dict[str, ReferenceSet]  # dataset -> its cached reference set; one per dataset that runs use
+    report: dict[str, ReportRow]  # run -> the paper row it reproduces; unmapped runs are listed apart
+
+
+@dataclass(frozen=True)
 class Params:
     pipeline: PipelineConfig
     datasets: dict[str, DatasetConfig]
     runs: dict[str, RunConfig]
+    evaluation: EvaluationConfig
 
     def run(self, name: str) -> RunConfig:
         if name not in self.runs:
@@ -289,7 +315,7 @@ _RUN_SECTIONS = ("dataset", "model", "diffusion", "train", "sample", "eval")
 
 def parse_params(raw: Mapping[str, Any]) -> Params:
     """Turn the parsed YAML into typed objects, validating everything (including model overrides)."""
-    top = ("pipeline", "datasets", "defaults", "runs")
+    top = ("pipeline", "datasets", "defaults", "runs", "evaluation")
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params.yaml must be a mapping with keys {', '.join(top)}")
     unknown = sorted(set(raw) - set(top))
@@ -336,7 +362,12 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
 
         resolve_model(run)  # validates preset name and overrides now, not at train time
         runs[name] = run
-    return Params(pipeline=pipeline, datasets=datasets, runs=runs)
+    evaluation = build_dataclass(EvaluationConfig, raw["evaluation"], "evaluation")
+    for name in evaluation.references:
+        if name not in pipeline.datasets:
+            raise ConfigError(f"params.yaml: evaluation.references.{name} names no dataset of pipeline.datasets "
+                              f"{list(pipeline.datasets)}: add it there or remove the entry")
+    return Params(pipeline=pipeline, datasets=datasets, runs=runs, evaluation=evaluation)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

@@ -52,7 +52,7 @@ def test_run_overrides_merge_over_defaults(raw):
         ("runs.rin_fmnist.train.lr", -1, r"runs\.rin_fmnist\.train\.lr must be > 0 and <= 1, got -1"),
         ("runs.rin_fmnist.train.self_cond_rate", 1.5, r"self_cond_rate must be >= 0 and <= 1, got 1\.5"),
         ("runs.rin_fmnist.sample.clip_x0", "yes", r"sample\.clip_x0 must be true or false"),
-        ("defaults.diffusion.prediction", "score", r"diffusion\.prediction must be one of 'eps', 'x0', 'v'"),
+        ("runs.rin_fmnist.diffusion.prediction", "score", r"diffusion\.prediction must be one of 'eps', 'x0', 'v'"),
         ("runs.rin_fmnist.dataset", "imagenet", r"runs\.rin_fmnist\.dataset must name one of the datasets"),
         ("datasets.fashion_mnist.channels", 2, r"datasets\.fashion_mnist\.channels must be one of 1, 3, got 2"),
         ("runs.rin_fmnist.model.preset", "rin_huge", r"model\.preset must be one of \["),

@@ -509,9 +509,9 @@ def test_params_datasets_are_complete_and_checked():
         dataset_config("video_folder", "x", frames=0)
 
 
-def test_dvc_yaml_shards_every_dataset():
+def test_dvc_yaml_shards_every_pipeline_dataset():
     stage = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["shard"]
-    assert stage["foreach"] == "${datasets}"
-    assert stage["do"]["cmd"] == "python -m diffusion.cli shard --dataset ${key} --out data/shards/${key}"
-    assert stage["do"]["outs"] == ["data/shards/${key}"] and "diffusion/data.py" in stage["do"]["deps"]
-    assert stage["do"]["params"] == ["datasets.${key}"]
+    assert stage["foreach"] == "${pipeline.datasets}"
+    assert stage["do"]["cmd"] == "python -m diffusion.cli shard --dataset ${item} --out data/shards/${item}"
+    assert stage["do"]["outs"] == ["data/shards/${item}"] and "diffusion/data.py" in stage["do"]["deps"]
+    assert stage["do"]["params"] == ["datasets.${item}"]
