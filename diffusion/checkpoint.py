@@ -6,7 +6,6 @@ naming the newest complete checkpoint. A checkpoint directory appears only once 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,19 +16,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from diffusion.shards import sha256_file
+
 MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not match its manifest."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -80,7 +73,7 @@ def save(root: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, op
         save_file(tensors, tmp / f"{name}.safetensors", meta)
     save_file(opt_tensors, tmp / "optimizer.safetensors", meta)
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_rest, **(extra or {})}, indent=1))
-    files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": files}, indent=1))
     if final.exists():  # a stale copy of the same step (e.g. from a run killed after the rename)
         shutil.rmtree(final)
@@ -110,7 +103,7 @@ def verify(path: Path) -> dict[str, Any]:
             f"{path}: no {MANIFEST}; the checkpoint is incomplete, delete it to resume from an earlier one")
     manifest = json.loads(manifest_path.read_text())
     for name, digest in manifest["sha256"].items():
-        actual = sha256(path / name) if (path / name).exists() else "missing"
+        actual = sha256_file(path / name) if (path / name).exists() else "missing"
         if actual != digest:
             raise CheckpointError(f"{path / name}: sha256 {actual} does not match the manifest's {digest}; "
                                   "the file is corrupt: delete this checkpoint directory to resume from an earlier one")

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion.checkpoint import sha256, write_text_atomic
+from diffusion.checkpoint import write_text_atomic
 from diffusion.config import RunConfig
 from diffusion.distributed import Dist, barrier
 from diffusion.images import grid, save_png_atomic, to_uint8_nhwc
 from diffusion.registry import resolve_model
 from diffusion.sampling import sample
+from diffusion.shards import sha256_file
 from diffusion.train import autocast
 
 
@@ -56,7 +57,7 @@ def _chunk_done(path: Path, fingerprint: str) -> bool:
 def sampling_fingerprint(run: RunConfig, weights: Path) -> str:
     """The weights file's hash plus every setting that changes the images (batch_size included: it sets chunks)."""
     s = asdict(run.sample)
-    blob = {"weights": sha256(weights), "sample": s, "prediction": run.diffusion.prediction,
+    blob = {"weights": sha256_file(weights), "sample": s, "prediction": run.diffusion.prediction,
             "precision": run.train.precision}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 

@@ -45,6 +45,7 @@ class PaperTable:
 
 
 METRIC_KEYS = {"FID": "fid", "IS": "inception_score", "FVD": "fvd"}  # column -> key in eval/metrics.json
+METHOD_NAMES = {"svd": "exact SVD", "sqrtm": "clean-fid sqrtm"}  # eval/metrics.json fid_method -> words
 RIN_SOURCE = ("SPEC §1 'Results to reproduce' and 'Configurations' (RIN: Jabri, Fleet, Chen; ICML 2023; "
               "arXiv 2212.11972)")
 MEME_SOURCE = ("SPEC §2 'Results to reproduce' (MEME: Lee et al.; AAAI 2024; arXiv 2306.04990). SPEC marks every "
@@ -147,7 +148,7 @@ def _our_metric(metric: str, ev: dict[str, Any], notes: list[str]) -> str:
     value = ev.get(METRIC_KEYS[metric])
     if metric == "FID" and value is not None:
         if ev.get("singular"):
-            method = "exact SVD" if ev["fid_method"] == "svd" else ev["fid_method"]
+            method = METHOD_NAMES.get(ev["fid_method"], ev["fid_method"])
             notes.append(f"FID from {ev['num_samples']} samples vs {ev['num_reference']} {ev['reference_split']} "
                          f"images by the {method} method: with <= 2048 images the covariance is singular, so the "
                          "FID is biased upwards and not comparable with 50k-sample values")
@@ -250,7 +251,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 LATEX_ESCAPES = str.maketrans({"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
-                               "—": "---", "§": r"\S{}"})
+                               "<": r"\textless{}", ">": r"\textgreater{}", "—": "---", "§": r"\S{}"})
 
 
 def latex_table(frame: pd.DataFrame, caption: str, label: str) -> str:
@@ -320,7 +321,8 @@ def _eval_lines(results: Sequence[RunResult]) -> list[str]:
         ev = res.eval
         if ev is None:
             continue
-        lines.append(f"- `{res.name}`: FID by the {ev['fid_method']} method from {ev['num_samples']} samples vs the "
+        method = METHOD_NAMES.get(ev["fid_method"], ev["fid_method"])
+        lines.append(f"- `{res.name}`: FID by the {method} method from {ev['num_samples']} samples vs the "
                      f"first {ev['num_reference']} {ev['reference_split']} images ({ev['reference_file']}); "
                      f"features: {ev['feature_network']}, sha256 `{ev['feature_network_sha256'][:16]}`; "
                      f"sampler {ev['sampler']}, {ev['sampling_steps']} steps.")

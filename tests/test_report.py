@@ -113,3 +113,4 @@ def test_latex_escapes_special_characters() -> None:
     frame = pd.DataFrame({"a_b": ["~9.14 & 50%"], "c": [report.DASH]})
     tex = report.latex_table(frame, "SPEC §2", "t")
     assert r"a\_b & c \\" in tex and r"\textasciitilde{}9.14 \& 50\% & --- \\" in tex and r"\S{}2" in tex
+    assert r"n \textless{}= 2048" in report.latex_table(pd.DataFrame({"x": ["n <= 2048"]}), "c", "t")

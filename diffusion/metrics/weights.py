@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion.shards import sha256_file  # noqa: F401  (part of this module's API: tests and inception_score use it)
+
 WEIGHTS_DIR_ENV = "RINMEME_WEIGHTS_DIR"  # cache folder override; default ~/.cache/rin-meme/weights
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/rin-meme/weights")
 
@@ -42,15 +44,6 @@ def weights_dir(cache_dir: str | Path | None = None) -> Path:
     """The cache folder: `cache_dir` if given, else $RINMEME_WEIGHTS_DIR, else ~/.cache/rin-meme/weights."""
     chosen = cache_dir if cache_dir is not None else os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR
     return Path(chosen).expanduser()
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: str | Path, expected: str, fix: str) -> Path:
