@@ -23,7 +23,7 @@ from diffusion.distributed import Dist, barrier
 from diffusion.images import grid, save_png_atomic, to_uint8_nhwc
 from diffusion.registry import resolve_model
 from diffusion.sampling import sample
-from diffusion.shards import sha256_file
+from diffusion.shards import atomic_write_bytes, sha256_file
 from diffusion.train import autocast
 
 
@@ -39,9 +39,7 @@ def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> str:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     data = buf.getvalue()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

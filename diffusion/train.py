@@ -36,6 +36,7 @@ from diffusion.optim import lr_factor, make_optimizer
 from diffusion.registry import build_model, resolve_model
 from diffusion.sampling import sample
 from diffusion.schedules import Schedule
+from diffusion.shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -237,16 +238,9 @@ class Trainer:
 
 def save_weights(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     """A safetensors file written through a temporary name and an atomic rename."""
-    import os
-    import tempfile
+    from safetensors.torch import save
 
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata))
 
 
 def load_weights(run: RunConfig, path: Path, device: str | torch.device = "cpu") -> nn.Module:

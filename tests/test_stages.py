@@ -81,7 +81,7 @@ def test_two_processes_match_one(tmp_path, shards):
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path, shards):
-    params = tiny_params(tmp_path, steps=24, checkpoint_every=4)
+    params = tiny_params(tmp_path, steps=64, checkpoint_every=4)  # long enough to be killed mid-run
     run_ok(train_cmd(params, tmp_path / "straight", shards))
     out = tmp_path / "killed"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
