@@ -79,12 +79,8 @@ def save(root: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, op
 
 
 def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under root, or None when there is none."""
-    pointer = root / "latest"
-    if pointer.exists():
-        path = root / pointer.read_text().strip()
-        if (path / MANIFEST).exists():
-            return path
+    """The newest complete checkpoint under root, or None. Directories are scanned rather than trusting the
+    `latest` pointer, which lags the rename by a moment when a run is killed in between."""
     done = sorted(p for p in root.glob("step-*") if (p / MANIFEST).exists())
     return done[-1] if done else None
 
