@@ -55,8 +55,8 @@ def first_images(cfg: DatasetConfig, shard_root: str | Path, split: str, n: int)
     from diffusion.loader import loader_from_config
 
     if cfg.frames:
-        raise ConfigError(f"{shard_root}: video datasets have no FID reference set (FVD needs an I3D network, "
-                          "not ported yet: SPEC section 3); remove the dataset from evaluation.references")
+        raise ConfigError(f"{shard_root}: video datasets have no FID reference set; FVD (diffusion.metrics.fvd) "
+                          "is not wired into refstats/evaluate yet: remove the dataset from evaluation.references")
     loader = loader_from_config(cfg, shard_root, split, min(n, 1000), train=False)
     if loader.num_samples < n:
         raise DataError(f"{shard_root}/{split} holds {loader.num_samples} samples, fewer than the {n} reference "
@@ -138,7 +138,8 @@ def load_samples(path: Path, run: RunConfig) -> np.ndarray:
         images = z["arr_0"]
     ds = run.dataset
     if images.ndim == 5:
-        raise ConfigError(f"{path}: video samples; FVD needs an I3D network, not ported yet (SPEC section 3)")
+        raise ConfigError(f"{path}: video samples; the evaluate stage does not compute FVD yet, use "
+                          "diffusion.metrics.fvd.fvd_of_samples(arr_0, reference clips or their I3D features)")
     if images.dtype != np.uint8 or images.shape[1:] != (ds.resolution, ds.resolution, ds.channels):
         raise DataError(f"{path}: arr_0 is {images.dtype} {images.shape}, expected uint8 (N, {ds.resolution}, "
                         f"{ds.resolution}, {ds.channels}); re-run `dvc repro sample@{run.name}`")
