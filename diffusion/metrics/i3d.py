@@ -29,7 +29,8 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def pad_same(x: Tensor, kernel: Triple, stride: Triple, value: float = 0.0) -> Tensor:
-    """Pad (N, C, T, H, W) for a TF "SAME" window; PyTorch's own padding is symmetric and cannot do stride 2."""
+    """Pad (N, C, T, H, W) for a TF "SAME" window; that padding is asymmetric for even totals (stride 2, kernel 2),
+    which PyTorch's symmetric conv/pool padding cannot express."""
     pads: list[int] = []
     for size, k, s in reversed(list(zip(x.shape[2:], kernel, stride))):  # F.pad lists the last axis first
         pads.extend(same_padding(size, k, s))
@@ -72,7 +73,7 @@ class Unit3D(nn.Module):
 class Mixed(nn.Module):
     """Inception module: 1x1 | 1x1 -> 3x3x3 | 1x1 -> 3x3x3 | 3x3x3 max pool -> 1x1, concatenated on channels.
 
-    widths: (b0, b1 reduce, b1, b2 reduce, b2, b3), the order of the I3D paper's figure 3 and the TF code.
+    widths: (b0, b1 reduce, b1, b2 reduce, b2, b3) output channels, in the order of the TF and JAX code.
     """
 
     JAX_NAMES = {  # attribute -> the checkpoint's sub-path inside a Mixed_* block
@@ -98,7 +99,7 @@ class Mixed(nn.Module):
         return torch.cat(branches, dim=1)  # (N, out_ch, T, H, W)
 
 
-# (endpoint, Mixed widths) in network order; a None width marks a max pool: (kernel, stride).
+# (endpoint, Mixed widths) per stage, in network order; a strided max pool precedes stages 4 and 5.
 MIXED_3 = (("Mixed_3b", (64, 96, 128, 16, 32, 32)), ("Mixed_3c", (128, 128, 192, 32, 96, 64)))
 MIXED_4 = (
     ("Mixed_4b", (192, 96, 208, 16, 48, 64)),
@@ -115,8 +116,8 @@ class InceptionI3d(nn.Module):
 
     Input: float (N, 3, T, 224, 224) RGB in [-1, 1] (use `preprocess_videos` for uint8 (N, T, H, W, C)), T >= 9.
     Output of `logits_and_pool`: the 400 Kinetics logits (N, 400), averaged over time as in the TF and JAX models,
-    and the pre-logit feature (N, 1024): Mixed_5c after the (2, 7, 7) average pool, averaged over time. The logits
-    are a linear map of that feature, so both carry the same information up to that map.
+    and the pre-logit feature (N, 1024): Mixed_5c after the (2, 7, 7) average pool, averaged over time (the logits
+    are an affine 1024 -> 400 map of it). FVD uses the logits: see diffusion/metrics/fvd.py.
     """
 
     def __init__(self) -> None:
