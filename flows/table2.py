@@ -1,0 +1,89 @@
+"""The `reproduce-table2` flow: RIN's image table (every run whose evaluation.report entry names rin_table2), then
+the report; the DVC stages as cached, resumable Prefect tasks. `python -m flows.table2 --scale smoke` runs it once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from diffusion.storage import S3Location
+from flows.results import result_storage
+from flows.scale import Scale, scale_overrides, table_runs
+from flows.tasks import dvc_push, prepare_workspace, publish, run_stages
+from flows.workspace import read_params, repo_root, workspace_name
+
+TABLE = "rin_table2"
+
+
+def run_table(table: str, scale: str, overrides: dict[str, Any] | None, parallel: int, project: str | None) -> dict:
+    """Shared body of the per-table flows: pick the table's runs, prepare the workspace, run the stages, publish."""
+    log = get_run_logger()
+    repo = Path(project).resolve() if project else repo_root()
+    raw = read_params(repo)
+    runs = table_runs(raw, table)
+    if not runs:
+        raise ValueError(f"{repo}/params.yaml: no run has evaluation.report.<run>.table = {table}; add one")
+    extra = dict(overrides or {})
+    all_overrides = scale_overrides(raw, scale, runs) | extra
+    storage = result_storage(repo)
+    if all_overrides:
+        name = workspace_name(scale, extra)
+        workspace = Path(prepare_workspace(str(repo), name, all_overrides))
+    else:
+        name, workspace = "repo", repo
+    log.info("%s at %s scale: runs %s in %s; results in %s", table, scale, runs, workspace, storage)
+    targets = [f"evaluate@{run}" for run in runs] + ["report"]
+    stages = run_stages(workspace, targets, storage, parallel)
+    if S3Location.from_env() is not None:
+        publish(str(workspace), list(stages), name)
+        if workspace == repo and _has_dvc_remote(repo):
+            dvc_push(str(workspace), list(stages))
+    report = workspace / "outputs" / "report" / "report.md"
+    if report.exists():
+        create_markdown_artifact(
+            key=f"{table.replace('_', '-')}-{scale}",
+            markdown=report.read_text(),
+            description=f"{table} at {scale} scale ({workspace})",
+        )
+    return {"workspace": str(workspace), "runs": runs, "report": str(report), "stages": stages}
+
+
+def _has_dvc_remote(repo: Path) -> bool:
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        return bool(r.config["core"].get("remote"))
+
+
+@flow(name="reproduce-table2", flow_run_name="table2-{scale}", log_prints=True)
+def reproduce_table2(
+    scale: Scale = "smoke", overrides: dict[str, Any] | None = None, parallel: int = 2, project: str | None = None
+) -> dict:
+    """RIN Table 2 (image generation) at `scale`: "smoke" (a tiny configuration of the same runs, minutes on a CPU) or
+    "paper" (params.yaml as it is, for a GPU cluster). `overrides`: extra dotted params.yaml keys (runs then in
+    their own workspace); `parallel`: stages at once; `project`: another checkout of this repository."""
+    return run_table(TABLE, scale, overrides, parallel, project)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flows.table2", description=__doc__)
+    p.add_argument("--scale", choices=["smoke", "paper"], default="smoke")
+    p.add_argument("--overrides", default="{}", help="JSON object of dotted params.yaml keys -> values")
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--project", help="checkout to run in (default: this one)")
+    args = p.parse_args(argv)
+    result = reproduce_table2(
+        scale=args.scale, overrides=json.loads(args.overrides), parallel=args.parallel, project=args.project
+    )
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Where a flow runs DVC stages: the repository itself (params.yaml as it is), or a derived workspace
+.flows/workspaces/<name>/ for overridden params (smoke scale, overrides): the repository's files as git sees them,
+its own params.yaml (the overrides applied) and dvc.lock, and the repository's DVC cache, shared. Outputs of a
+derived workspace never touch the repository's; both persist, so a re-run resumes where the last one stopped."""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.scale import absolute_roots, apply_overrides, fingerprint
+
+FLOWS_DIR = ".flows"  # gitignored: derived workspaces and local Prefect results
+OWNED = ("params.yaml", "dvc.lock", ".dvc/config", ".dvc/config.local")  # a derived workspace keeps its own
+MANIFEST = ".flows-files.json"  # the files last copied in, so files deleted from the repository go too
+
+
+def repo_root() -> Path:
+    """The checkout holding this package: the project the flows run by default."""
+    return Path(__file__).resolve().parents[1]
+
+
+def flows_dir(repo: Path) -> Path:
+    return repo / FLOWS_DIR
+
+
+def read_params(repo: Path) -> dict[str, Any]:
+    with (repo / "params.yaml").open() as fh:
+        return yaml.safe_load(fh)
+
+
+def workspace_name(scale: str, extra: Mapping[str, Any]) -> str:
+    """`smoke`, or `smoke-<8 hex>` when extra overrides are applied on top of the scale's own."""
+    if not extra:
+        return scale
+    return f"{scale}-{hashlib.sha256(fingerprint(dict(extra)).encode()).hexdigest()[:8]}"
+
+
+def project_files(repo: Path) -> list[str]:
+    """Files git sees in the checkout (tracked and untracked, ignored ones excluded), as relative paths."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=repo,
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(
+            f"{repo}: not a git checkout ({err}); the flows copy the project's files through git"
+        ) from err
+    names = [n for n in out.decode().split("\0") if n]
+    return sorted(n for n in names if (repo / n).is_file() and not n.startswith(FLOWS_DIR + "/"))
+
+
+def cache_dir(repo: Path) -> Path:
+    """The repository's DVC cache folder (`dvc cache dir`), which derived workspaces share."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        return Path(r.cache.local_cache_dir)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+def sync_workspace(repo: Path, name: str, overrides: Mapping[str, Any]) -> Path:
+    """Create or update .flows/workspaces/<name>: copy changed project files, remove ones the project dropped,
+    write params.yaml (overrides applied; relative dataset roots pointed at the repository) and DVC's config."""
+    ws = flows_dir(repo) / "workspaces" / name
+    ws.mkdir(parents=True, exist_ok=True)
+    files = [f for f in project_files(repo) if f not in OWNED]
+    manifest = ws / MANIFEST
+    previous = set(json.loads(manifest.read_text())) if manifest.exists() else set()
+    for rel in files:
+        src, dst = repo / rel, ws / rel
+        if not dst.exists() or not filecmp.cmp(src, dst, shallow=False):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    for rel in sorted(previous - set(files)):
+        (ws / rel).unlink(missing_ok=True)
+    _write_if_changed(manifest, json.dumps(files, indent=0))
+    raw = read_params(repo)
+    params = apply_overrides(raw, absolute_roots(raw, repo) | dict(overrides))
+    _write_if_changed(ws / "params.yaml", yaml.safe_dump(params, sort_keys=False, width=120))
+    config = (
+        "# written by flows/workspace.py: a derived workspace without git, sharing the repository's cache\n"
+        f"[core]\n    no_scm = true\n    analytics = false\n[cache]\n    dir = {cache_dir(repo)}\n"
+    )
+    _write_if_changed(ws / ".dvc" / "config", config)
+    return ws
