@@ -37,3 +37,25 @@ test-slow: setup data-deps
 
 lint: setup
 	$(VENV)/bin/ruff check diffusion rin meme flows tests benchmarks
+
+# Orchestration (README, "Prefect"): the local Prefect server (SQLite in .prefect/), the served deployments, and a
+# smoke-scale run of each, triggered the way users do. Only these targets see PREFECT_API_URL (tests start their own).
+PREFECT_PORT ?= 4200
+PREFECT_TARGETS := prefect-server serve table2-smoke ablation-smoke
+.PHONY: $(PREFECT_TARGETS)
+$(PREFECT_TARGETS): export PREFECT_API_URL := http://127.0.0.1:$(PREFECT_PORT)/api
+$(PREFECT_TARGETS): export PREFECT_HOME := $(abspath .prefect)
+
+prefect-server: setup
+	prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+serve: setup data-deps
+	$(PY) -m flows.deploy serve
+
+table2-smoke: setup
+	$(PY) -m flows.deploy wait reproduce-table2/smoke
+	prefect deployment run 'reproduce-table2/smoke' --watch
+
+ablation-smoke: setup
+	$(PY) -m flows.deploy wait ablation/smoke
+	prefect deployment run 'ablation/smoke' --watch

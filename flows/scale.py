@@ -102,10 +102,11 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
 
 
 def set_args(overrides: Mapping[str, Any]) -> list[str]:
-    """`-S key=value` arguments for `dvc exp run`; values in JSON, which DVC reads as YAML."""
+    """`-S ++key=value` arguments for `dvc exp run` (Hydra's override grammar: `++` sets a key, adding it when
+    params.yaml lacks it); values written as JSON scalars and lists."""
     args: list[str] = []
     for key, value in overrides.items():
-        args += ["-S", f"{key}={json.dumps(value)}"]
+        args += ["-S", f"++{key}={json.dumps(value)}"]
     return args
 
 

@@ -61,6 +61,16 @@ def project_files(repo: Path) -> list[str]:
     return sorted(n for n in names if (repo / n).is_file() and not n.startswith(FLOWS_DIR + "/"))
 
 
+def dvc_outputs(repo: Path) -> list[str]:
+    """Every stage output of the repository's dvc.yaml, relative to it: never copied into a derived workspace."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        return sorted(
+            {Path(out.fs_path).relative_to(repo.resolve()).as_posix() for s in r.index.stages for out in s.outs}
+        )
+
+
 def cache_dir(repo: Path) -> Path:
     """The repository's DVC cache folder (`dvc cache dir`), which derived workspaces share."""
     from dvc.repo import Repo
@@ -82,7 +92,10 @@ def sync_workspace(repo: Path, name: str, overrides: Mapping[str, Any]) -> Path:
     write params.yaml (overrides applied; relative dataset roots pointed at the repository) and DVC's config."""
     ws = flows_dir(repo) / "workspaces" / name
     ws.mkdir(parents=True, exist_ok=True)
-    files = [f for f in project_files(repo) if f not in OWNED]
+    outs = dvc_outputs(repo)
+    files = [
+        f for f in project_files(repo) if f not in OWNED and not any(f == o or f.startswith(o + "/") for o in outs)
+    ]
     manifest = ws / MANIFEST
     previous = set(json.loads(manifest.read_text())) if manifest.exists() else set()
     for rel in files:

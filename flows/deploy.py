@@ -1,0 +1,112 @@
+"""Served deployments of the flows: `python -m flows.deploy` (with a Prefect server at PREFECT_API_URL) serves
+reproduce-table2/{smoke,paper} and ablation/{smoke,paper}; their runs execute as subprocesses of this process, on
+this machine. `python -m flows.deploy wait FLOW/DEPLOYMENT` returns once that deployment is registered.
+
+Trigger one with `prefect deployment run 'reproduce-table2/smoke' --watch`. On GPU machines the same flows are
+deployed to a work pool instead (README, "Scaling out").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from prefect import serve
+from prefect.client.orchestration import get_client
+
+from flows.ablation import ablation
+from flows.table2 import reproduce_table2
+
+API_ENV = "PREFECT_API_URL"
+SMOKE_GRID = {"runs.rin_fmnist.train.self_cond_rate": [0.0, 0.9]}  # RIN's self-conditioning ablation, in miniature
+
+
+def deployments() -> list:
+    tags = ["rin-meme"]
+    return [
+        reproduce_table2.to_deployment(
+            name="smoke",
+            parameters={"scale": "smoke"},
+            tags=tags,
+            description="RIN Table 2 with a tiny configuration of its runs: minutes on a CPU",
+        ),
+        reproduce_table2.to_deployment(
+            name="paper",
+            parameters={"scale": "paper"},
+            tags=tags,
+            description="RIN Table 2 with params.yaml as it is (a GPU machine)",
+        ),
+        ablation.to_deployment(
+            name="smoke",
+            parameters={"scale": "smoke", "grid": SMOKE_GRID},
+            tags=tags,
+            description="A grid of params.yaml overrides as DVC experiments, each run shrunk to smoke scale",
+        ),
+        ablation.to_deployment(
+            name="paper",
+            parameters={"scale": "paper"},
+            tags=tags,
+            description="A grid of params.yaml overrides as DVC experiments; pass --param grid='{...}'",
+        ),
+    ]
+
+
+def wait_for_api(timeout_s: float) -> None:
+    """Return once the Prefect API answers; exit with a message naming the fix when it does not in time."""
+    url = os.environ.get(API_ENV)
+    if not url:
+        sys.exit(
+            f"{API_ENV} is not set: start the server (`make prefect-server`) and export "
+            f"{API_ENV}=http://127.0.0.1:4200/api, or run `make serve`"
+        )
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while (err := client.api_healthcheck()) is not None:
+            if time.monotonic() > deadline:
+                sys.exit(
+                    f"Prefect API at {url} did not answer within {timeout_s:.0f} s ({err!r}); start it with "
+                    "`make prefect-server` (prefect server start --host 127.0.0.1 --port 4200)"
+                )
+            time.sleep(1.0)
+
+
+def wait_for_deployment(name: str, timeout_s: float) -> None:
+    """Return once FLOW/DEPLOYMENT exists on the server (served by `python -m flows.deploy`)."""
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                client.read_deployment_by_name(name)
+                return
+            except Exception as err:
+                if time.monotonic() > deadline:
+                    sys.exit(
+                        f"deployment {name!r} is not registered after {timeout_s:.0f} s ({type(err).__name__}); "
+                        "start serving with `make serve` (python -m flows.deploy)"
+                    )
+                time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("command", nargs="?", choices=["serve", "wait"], default="serve")
+    p.add_argument("deployment", nargs="?", help="wait: FLOW/DEPLOYMENT, e.g. reproduce-table2/smoke")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the API / the deployment")
+    p.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: this machine's cores)")
+    args = p.parse_args(argv)
+    wait_for_api(args.timeout)
+    if args.command == "wait":
+        if not args.deployment:
+            p.error("wait needs FLOW/DEPLOYMENT")
+        wait_for_deployment(args.deployment, args.timeout)
+        return 0
+    serve(*deployments(), limit=args.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
