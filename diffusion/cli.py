@@ -17,9 +17,17 @@ from diffusion.train import TrainingDiverged
 OUTPUTS = Path("outputs")
 
 
+def _describe_preset(cfg) -> str:
+    """What sets a preset's cost besides its width: RIN's patches and tokens, a U-Net's levels (and iFormer ratios)."""
+    if hasattr(cfg, "patch"):
+        return f"patch {list(cfg.patch)}, {cfg.num_tokens} tokens"
+    text = f"widths {list(cfg.widths)} x {cfg.num_res_blocks} res blocks"
+    return text + (f", iFormer d_h/d {list(cfg.iformer_ratios)}" if cfg.iformer_ratios else "")
+
+
 def cmd_flops(args: argparse.Namespace) -> int:
     from diffusion.flops import denoiser_cost
-    from diffusion.registry import all_presets, build
+    from diffusion.registry import all_presets, build, paper_params
 
     table = all_presets()
     names = sorted(table) if args.preset == "all" else [args.preset]
@@ -32,16 +40,18 @@ def cmd_flops(args: argparse.Namespace) -> int:
         cost = denoiser_cost(build(cfg), cfg.data_shape, cfg.channels, cfg.num_classes)
         attn = sum(v for k, v in cost.by_op.items() if "bmm" in k)
         rows.append({"preset": name, "params": cost.params, "params_M": round(cost.params / 1e6, 2),
+                     "paper_params": paper_params().get(name, ""), "gmacs_per_image": round(cost.gmacs, 3),
                      "gflops_per_image": round(cost.gflops, 3), "attention_gflops": round(attn / 1e9, 3),
-                     "data_shape": list(cfg.data_shape), "patch": list(cfg.patch), "tokens": cfg.num_tokens})
+                     "data_shape": [cfg.channels, *cfg.data_shape], "layout": _describe_preset(cfg)})
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
-        print(f"{'preset':<16}{'params':>10}{'GFLOPs/img':>12}{'of which attn':>15}  shape / patch / tokens")
+        print(f"{'preset':<16}{'params':>10}{'paper':>24}{'GMACs/img':>11}{'GFLOPs/img':>12}{'of which attn':>15}"
+              "  shape, layout")
         for r in rows:
-            print(f"{r['preset']:<16}{r['params_M']:>9.2f}M{r['gflops_per_image']:>12.3f}{r['attention_gflops']:>15.3f}"
-                  f"  {r['data_shape']} / {r['patch']} / {r['tokens']}")
-        print("GFLOPs: forward pass, one image, no self-conditioning input; 2 FLOPs per multiply-add.")
+            print(f"{r['preset']:<16}{r['params_M']:>9.2f}M{r['paper_params']:>24}{r['gmacs_per_image']:>11.3f}"
+                  f"{r['gflops_per_image']:>12.3f}{r['attention_gflops']:>15.3f}  {r['data_shape']}, {r['layout']}")
+        print("Forward pass, one image, no self-conditioning input; 2 FLOPs per multiply-add (MAC).")
     return 0
 
 
@@ -51,6 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from diffusion.train import Trainer
 
     run = load_params(args.params).run(args.run)
+    if run.experts:
+        raise ConfigError(f"runs.{run.name} is a multi-expert run and trains nothing itself: train its experts "
+                          f"({', '.join(e.name for e in run.experts)}), then sample it")
     d = distributed.init(args.device)
     out = Path(args.out or OUTPUTS / run.name / "train")
     source = training_source(run, args.shards or f"data/shards/{run.dataset_name}", d.rank, d.world_size)
@@ -80,11 +93,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     run = load_params(args.params).run(args.run)
     d = distributed.init(args.device)
-    train_dir = Path(args.weights or OUTPUTS / run.name / "train")
-    weights = train_dir / ("ema.safetensors" if run.sample.use_ema else "model.safetensors")
-    if not weights.exists():
-        raise ConfigError(f"{weights}: no trained weights; run `python -m diffusion.cli train {run.name}` first")
-    model = load_weights(run, weights, d.device)
+    if run.experts:  # MEME: the router over its expert runs' weights, <outputs>/<expert>/train/
+        model, weights = _multi_expert(run, Path(args.outputs), d.device)
+    else:
+        train_dir = Path(args.weights or OUTPUTS / run.name / "train")
+        weights = train_dir / ("ema.safetensors" if run.sample.use_ema else "model.safetensors")
+        if not weights.exists():
+            raise ConfigError(f"{weights}: no trained weights; run `python -m diffusion.cli train {run.name}` first")
+        model = load_weights(run, weights, d.device)
     out = Path(args.out or OUTPUTS / run.name / "samples")
     try:
         npz = generate(run, model, out, d, sampling_fingerprint(run, weights), num_samples=args.num_samples)
@@ -93,6 +109,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if npz is not None:
         print(f"wrote {npz} and {out / 'grid.png'}")
     return 0
+
+
+def _multi_expert(run, outputs: Path, device):
+    """A multi-expert run's router with each expert's trained weights, and the weight files (for the fingerprint)."""
+    from diffusion.registry import resolve_model
+    from meme.experts import expert_weight_files, load_multi_expert
+
+    files = expert_weight_files([e.name for e in run.experts], outputs, run.sample.use_ema)
+    for expert, path in zip(run.experts, files, strict=True):
+        if not path.exists():
+            raise ConfigError(f"{path}: no trained weights for expert run {expert.name}; run "
+                              f"`python -m diffusion.cli train {expert.name}` first")
+    return load_multi_expert(resolve_model(run), files, device), files
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
@@ -178,6 +207,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--weights", help="folder with model/ema.safetensors (default outputs/<run>/train)")
     m.add_argument("--out", help="output folder (default outputs/<run>/samples)")
     m.add_argument("--num-samples", type=int, help="override sample.num_samples")
+    m.add_argument("--outputs", default=str(OUTPUTS),
+                   help="multi-expert runs: root of the expert runs' <expert>/train folders (default outputs)")
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     m.set_defaults(fn=cmd_sample)
     r = sub.add_parser("refstats", help="cache Inception features of a dataset's reference images (FID)")

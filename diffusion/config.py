@@ -80,12 +80,28 @@ class ModelConfig:
     preset: str
     class_conditional: bool
     overrides: dict[str, Any]
+    # MEME multi-expert run (preset multi_expert): its expert runs, expert 1 (t near 0) first; absent: none
+    experts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
     prediction: Literal["eps", "x0", "v"]  # what the network predicts; the loss is taken in the same space
     train_schedule: ScheduleConfig
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """This run trains MEME expert `index` of `count`: each example's t is drawn on the expert's interval
+    ((index-1)/count, index/count] with probability p, else on [0, 1) (soft assignment; p = 1 is the hard split)."""
+
+    index: int = bounded(ge=1)
+    count: int = bounded(ge=1)
+    p: float = bounded(ge=0, le=1)
+
+    def __post_init__(self) -> None:
+        if self.index > self.count:
+            raise ConfigError(f"expert.index must be <= expert.count, got index={self.index}, count={self.count}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,7 @@ class TrainConfig:
     data: Literal["memory", "stream"]  # memory: whole split in RAM, exact resume; stream: WebDataset shards
     num_workers: int = bounded(ge=0)  # DataLoader workers of the stream source
     sample_every: int = bounded(ge=0)  # a preview grid (EMA weights, 16 images) every N steps; 0 disables
+    expert: ExpertConfig | None = None  # MEME: train one expert's time interval; absent or null: t ~ U(0, 1)
 
 
 @dataclass(frozen=True)
@@ -144,6 +161,7 @@ class RunConfig:
     train: TrainConfig
     sample: SampleConfig
     eval: EvalConfig
+    experts: tuple[RunConfig, ...] = ()  # the runs named by model.experts, attached by parse_params
 
 
 @dataclass(frozen=True)
@@ -231,6 +249,8 @@ def convert(tp: Any, value: Any, path: str) -> Any:
                 return convert(arg, value, path)
             except ConfigError as err:
                 errors.append(str(err))
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
         raise ConfigError(f"params.yaml: {path} must be one of {args}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, path)
@@ -280,12 +300,14 @@ def build_dataclass(cls: type, raw: Any, path: str, extra: Mapping[str, Any] | N
         raise ConfigError(
             f"params.yaml: unknown key {path}.{unknown[0]}; allowed keys under {path} are {sorted(fields)}"
         )
-    missing = [name for name in fields if name not in given]
+    missing = [name for name, f in fields.items() if name not in given and not _has_default(f)]
     if missing:
         raise ConfigError(f"params.yaml: missing key {path}.{missing[0]} ({_describe(hints[missing[0]])})")
     values = {}
     for name, f in fields.items():
         sub = f"{path}.{name}"
+        if name not in given:  # an optional key left out: the dataclass default
+            continue
         if name in prebuilt:
             values[name] = prebuilt[name]
             continue
@@ -297,6 +319,43 @@ def build_dataclass(cls: type, raw: Any, path: str, extra: Mapping[str, Any] | N
         return cls(**values)
     except ConfigError as err:
         raise ConfigError(f"params.yaml: {path}: {err}") from None
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+def attach_experts(runs: dict[str, RunConfig]) -> dict[str, RunConfig]:
+    """Resolve each multi-expert run's model.experts to the expert runs, checking that they form one MEME: expert
+    n of N at position n, all on the run's dataset and prediction type, with one training schedule."""
+    out = dict(runs)
+    for name, run in runs.items():
+        if not run.model.experts:
+            continue
+        path = f"params.yaml: runs.{name}.model.experts"
+        if run.train.expert is not None:
+            raise ConfigError(f"params.yaml: runs.{name}.train.expert: a multi-expert run trains nothing itself")
+        missing = [e for e in run.model.experts if e not in runs]
+        if missing:
+            raise ConfigError(f"{path} names no run {missing[0]!r}; runs are {sorted(runs)}")
+        experts = tuple(runs[e] for e in run.model.experts)
+        for i, expert in enumerate(experts):
+            e = expert.train.expert
+            if e is None or (e.index, e.count) != (i + 1, len(experts)):
+                has = "no train.expert" if e is None else f"train.expert index {e.index} of count {e.count}"
+                raise ConfigError(f"{path}[{i}]: run {expert.name!r} must train expert {i + 1} of {len(experts)} "
+                                  f"(runs.{expert.name}.train.expert), it has {has}")
+            shared = {"dataset": (run.dataset_name, expert.dataset_name),
+                      "diffusion.prediction": (run.diffusion.prediction, expert.diffusion.prediction),
+                      "model.class_conditional": (run.model.class_conditional, expert.model.class_conditional),
+                      "diffusion.train_schedule": (experts[0].diffusion.train_schedule,
+                                                   expert.diffusion.train_schedule)}
+            for what, (want, got) in shared.items():
+                if want != got:
+                    raise ConfigError(f"{path}[{i}]: run {expert.name!r} has {what} {got!r}, but the experts of "
+                                      f"{name!r} must share {want!r}")
+        out[name] = dataclasses.replace(run, experts=experts)
+    return out
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -358,10 +417,12 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
             f"runs.{name}",
             extra={"name": name, "dataset_name": dataset_name, "dataset": datasets[dataset_name]},
         )
-        from diffusion.registry import resolve_model  # late import: model packages import this module's types
-
-        resolve_model(run)  # validates preset name and overrides now, not at train time
         runs[name] = run
+    runs = attach_experts(runs)
+    from diffusion.registry import resolve_model  # late import: model packages import this module's types
+
+    for run in runs.values():
+        resolve_model(run)  # validates preset names and overrides now, not at train time
     evaluation = build_dataclass(EvaluationConfig, raw["evaluation"], "evaluation")
     for name in evaluation.references:
         if name not in pipeline.datasets:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,10 +53,12 @@ def _chunk_done(path: Path, fingerprint: str) -> bool:
     return info.get("fingerprint") == fingerprint and hashlib.sha256(path.read_bytes()).hexdigest() == info["sha256"]
 
 
-def sampling_fingerprint(run: RunConfig, weights: Path) -> str:
-    """The weights file's hash plus every setting that changes the images (batch_size included: it sets chunks)."""
+def sampling_fingerprint(run: RunConfig, weights: Path | Sequence[Path]) -> str:
+    """The weights file's hash (a multi-expert run: each expert's, in order) plus every setting that changes the
+    images (batch_size included: it sets chunks)."""
     s = asdict(run.sample)
-    blob = {"weights": sha256_file(weights), "sample": s, "prediction": run.diffusion.prediction,
+    digest = sha256_file(weights) if isinstance(weights, Path) else [sha256_file(w) for w in weights]
+    blob = {"weights": digest, "sample": s, "prediction": run.diffusion.prediction,
             "precision": run.train.precision}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 

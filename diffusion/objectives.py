@@ -6,6 +6,7 @@ Parameterisation: x_t = sqrt(g) x0 + sqrt(1-g) eps, v = sqrt(g) eps - sqrt(1-g) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -80,17 +81,19 @@ def from_x0_eps(prediction: Prediction, x0: Tensor, eps: Tensor, gamma: Tensor) 
 
 @dataclass(frozen=True)
 class NoiseDraw:
-    """The random draws of one training step for a batch: t ~ U(0,1), eps ~ N(0,I), and u ~ U(0,1) that keeps an
-    example's self-conditioning latents when u < rate. Drawn once for the global batch, sliced per rank."""
+    """The random draws of one training step for a batch: t ~ U(0,1) (or from `draw_t`, e.g. a MEME expert's soft
+    interval assignment), eps ~ N(0,I), and u ~ U(0,1) that keeps an example's self-conditioning latents when
+    u < rate. Drawn once for the global batch, sliced per rank."""
 
     t: Tensor  # (B,)
     eps: Tensor  # (B, *data)
     u: Tensor  # (B,)
 
     @staticmethod
-    def draw(generator: torch.Generator, shape: tuple[int, ...]) -> NoiseDraw:
+    def draw(generator: torch.Generator, shape: tuple[int, ...],
+             draw_t: Callable[[torch.Generator, int], Tensor] | None = None) -> NoiseDraw:
         dev = generator.device
-        t = torch.rand(shape[0], generator=generator, device=dev)
+        t = torch.rand(shape[0], generator=generator, device=dev) if draw_t is None else draw_t(generator, shape[0])
         eps = torch.randn(shape, generator=generator, device=dev)
         u = torch.rand(shape[0], generator=generator, device=dev)
         return NoiseDraw(t, eps, u)

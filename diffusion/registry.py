@@ -20,11 +20,25 @@ def presets(family: str) -> dict[str, typing.Any]:
         from rin.presets import PRESETS
 
         return PRESETS
-    raise ConfigError(f"model family {family!r} has no presets yet (available: rin)")
+    if family == "meme":
+        from meme.presets import MULTI_EXPERT, PRESETS
+
+        return PRESETS | {"multi_expert": MULTI_EXPERT}
+    raise ConfigError(f"model family {family!r} has no presets (available: rin, meme)")
 
 
 def all_presets() -> dict[str, typing.Any]:
-    return dict(presets("rin"))
+    """Every standalone network preset (the multi_expert template is built from a run's experts, not alone)."""
+    from meme.presets import PRESETS as MEME
+
+    return dict(presets("rin")) | MEME
+
+
+def paper_params() -> dict[str, str]:
+    """A preset's parameter count as the paper gives it, where the paper gives one."""
+    from meme.presets import PAPER_PARAMS
+
+    return dict(PAPER_PARAMS)
 
 
 def apply_overrides(base: typing.Any, overrides: dict[str, typing.Any], path: str) -> typing.Any:
@@ -41,11 +55,16 @@ def apply_overrides(base: typing.Any, overrides: dict[str, typing.Any], path: st
 
 
 def resolve_model(run: RunConfig) -> typing.Any:
-    """The model config a run trains: its preset, shaped to its dataset, with its overrides applied."""
+    """The model config a run trains: its preset, shaped to its dataset, with its overrides applied. For a
+    multi-expert run (preset multi_expert), the router's config over its expert runs' resolved models."""
     path = f"runs.{run.name}.model"
     table = presets(run.model.family)
     if run.model.preset not in table:
         raise ConfigError(f"params.yaml: {path}.preset must be one of {sorted(table)}, got {run.model.preset!r}")
+    multi = run.model.family == "meme" and run.model.preset == "multi_expert"
+    if multi != bool(run.model.experts):
+        raise ConfigError(f"params.yaml: {path}.experts lists the expert runs of a multi-expert run: give it exactly "
+                          "when family is meme and preset is multi_expert")
     ds = run.dataset
     if run.model.class_conditional and ds.num_classes == 0:
         raise ConfigError(
@@ -60,6 +79,9 @@ def resolve_model(run: RunConfig) -> typing.Any:
         self_cond=run.train.self_cond_rate > 0,
     )
     cfg = apply_overrides(cfg, run.model.overrides, f"{path}.overrides")
+    if multi:
+        cfg = dataclasses.replace(cfg, experts=tuple(resolve_model(e) for e in run.experts),
+                                  train_schedule=run.experts[0].diffusion.train_schedule if run.experts else None)
     try:
         cfg.validate()
     except ValueError as err:
@@ -68,10 +90,16 @@ def resolve_model(run: RunConfig) -> typing.Any:
 
 
 def build(cfg: typing.Any) -> nn.Module:
+    from meme.experts import MultiExpertConfig, build_multi_expert
+    from meme.unet import UNet, UNetConfig
     from rin.model import RIN, RINConfig
 
     if isinstance(cfg, RINConfig):
         return RIN(cfg)
+    if isinstance(cfg, UNetConfig):
+        return UNet(cfg)
+    if isinstance(cfg, MultiExpertConfig):
+        return build_multi_expert(cfg)
     raise TypeError(f"no model for config type {type(cfg).__name__}")
 
 

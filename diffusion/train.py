@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -72,6 +73,8 @@ def training_fingerprint(run: RunConfig) -> str:
     t = asdict(run.train)
     for key in ("log_every", "checkpoint_every", "sample_every", "num_workers"):
         t.pop(key)
+    if t["expert"] is None:  # runs that train no MEME expert keep the fingerprints they had before experts existed
+        t.pop("expert")
     blob = {"model": asdict(resolve_model(run)), "dataset": asdict(run.dataset), "diffusion": asdict(run.diffusion),
             "train": t}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -88,6 +91,16 @@ def ema_update(decay: float):
         torch._foreach_lerp_(averaged, current, 1.0 - d)
 
     return update
+
+
+def time_sampler(run: RunConfig) -> Callable[[torch.Generator, int], Tensor] | None:
+    """How a step draws t: None for U(0, 1); MEME's soft interval assignment when the run trains one expert."""
+    e = run.train.expert
+    if e is None:
+        return None
+    from meme.experts import expert_time_sampler
+
+    return expert_time_sampler(e.index, e.count, e.p)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -126,6 +139,7 @@ class Trainer:
         self.ddp = DistributedDataParallel(self.model) if d.enabled else self.model
         self.schedule = Schedule(run.diffusion.train_schedule)
         self.fingerprint = training_fingerprint(run)
+        self.draw_t = time_sampler(run)
         self.step = 0
 
     @property
@@ -168,7 +182,7 @@ class Trainer:
         lr = self.set_lr()
         batch = source.batch(self.step, self.d.rank, self.d.world_size)
         local = batch[0].shape[0]
-        noise = NoiseDraw.draw(step_generator(t.seed, self.step), (t.batch_size, *batch[0].shape[1:]))
+        noise = NoiseDraw.draw(step_generator(t.seed, self.step), (t.batch_size, *batch[0].shape[1:]), self.draw_t)
         noise = noise.rows(self.d.rank * local, (self.d.rank + 1) * local)
         torch.manual_seed(t.seed * 1_000_037 + self.step * 4_099 + self.d.rank)  # dropout / drop-path
         loss, gnorm = train_step(self.ddp, batch, noise, self.optimizer, self.run, self.schedule, self.d)

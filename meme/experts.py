@@ -1,0 +1,191 @@
+"""MEME's multi-architecture multi-expert strategy (Lee et al., AAAI 2024): N experts, expert n owning the time
+interval I_n = ((n-1)/N, n/N]; soft interval assignment for training; per-expert iFormer ratio schedules; and the
+router that sends every sampling step to the expert that owns it.
+
+Routing is by noise level. The sampler hands a denoiser gamma, not t, and a run may sample with a schedule other
+than the one it trained with (RIN trains with sigmoid and samples with cosine). An expert has learnt the noise levels
+gamma_train(t) for t in its interval, so `MultiExpert` holds the experts' *training* schedule and sends gamma to the
+expert n with gamma_train(n/N) <= gamma < gamma_train((n-1)/N): it inverts gamma -> t through the training schedule
+by comparison with the N-1 boundary noise levels (exact and monotone, no numerical inversion). When the run samples
+with its training schedule, this is routing by the sampler's own t, boundaries included. Passing the sampler's t
+through an extended Denoiser call instead would pick the expert of the right time but, whenever the two schedules
+differ, possibly of the wrong noise level; and it would change the call every sampler and RIN make.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffusion.config import ScheduleConfig
+from diffusion.schedules import Schedule
+from meme.iformer import split_channels
+
+
+def interval_bounds(count: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """The N-1 inner boundaries t = n/N, n = 1..N-1, each the float nearest n/N (as the sampler builds its times)."""
+    return torch.tensor([n / count for n in range(1, count)], dtype=dtype, device=device)
+
+
+def owner(t: Tensor, count: int) -> Tensor:
+    """1-based expert owning each t: n with t in ((n-1)/N, n/N]; t = 0 belongs to expert 1. (B,) -> (B,) long."""
+    bounds = interval_bounds(count, t.dtype, t.device)
+    return 1 + (t[:, None] > bounds[None]).sum(dim=1)
+
+
+def draw_t(generator: torch.Generator, batch: int, n: int, count: int, p: float) -> Tensor:
+    """MEME's soft expert strategy: per example, with probability p a t uniform on expert n's interval
+    ((n-1)/N, n/N], otherwise a t uniform on [0, 1) (the whole range, own interval included). p = 1 is the hard
+    split. Draws two uniforms per example from `generator`, so the result is a pure function of its state."""
+    if not (1 <= n <= count and 0.0 <= p <= 1.0):
+        raise ValueError(f"expert {n} of {count} with specialisation probability {p}: need 1 <= n <= N, 0 <= p <= 1")
+    dev = generator.device
+    own = torch.rand(batch, generator=generator, device=dev) < p  # (B,) the coin
+    u = torch.rand(batch, generator=generator, device=dev)  # (B,) in [0, 1)
+    lo = torch.tensor((n - 1) / count, device=dev)
+    inside = torch.maximum((n - u) / count, torch.nextafter(lo, torch.ones_like(lo)))  # in (lo, n/N], never lo
+    return torch.where(own, inside, u)
+
+
+def expert_time_sampler(index: int, count: int, p: float) -> Callable[[torch.Generator, int], Tensor]:
+    """draw_t bound to one expert, in the (generator, batch) -> t form the training step calls."""
+    return partial(draw_t, n=index, count=count, p=p)
+
+
+def valid_ratios(dim: int, head_width: int) -> list[float]:
+    """Every high-frequency ratio d_h / d an iFormer block of width dim accepts (whole heads, even d_h)."""
+    out = []
+    for heads in range(dim // head_width + 1):
+        try:
+            split_channels(dim, 1 - heads * head_width / dim, head_width)
+        except ValueError:
+            continue
+        out.append(1 - heads * head_width / dim)
+    return out
+
+
+def falling_ratios(widths: Sequence[int], head_width: int, top: float, bottom: float) -> tuple[float, ...]:
+    """A per-level ratio schedule falling linearly from `top` at level 0 to `bottom` at the deepest level, each
+    level's value snapped to the nearest ratio its width accepts (ties to the higher ratio)."""
+    levels = len(widths)
+    out = []
+    for k, dim in enumerate(widths):
+        want = top + (bottom - top) * k / max(levels - 1, 1)
+        out.append(min(valid_ratios(dim, head_width), key=lambda r: (abs(r - want), -r)))
+    return tuple(out)
+
+
+def expert_ratios(
+    widths: Sequence[int], head_width: int, n: int, count: int, top: float, bottom_first: float, bottom_last: float
+) -> tuple[float, ...]:
+    """Expert n's schedule (MEME: d_h / d_l falls with depth, and falls faster for experts at larger t):
+    every expert starts at `top`; its deepest level reaches a bottom that moves linearly from `bottom_first`
+    (expert 1, near t = 0) to `bottom_last` (expert N, near t = 1)."""
+    bottom = bottom_first + (bottom_last - bottom_first) * (n - 1) / max(count - 1, 1)
+    return falling_ratios(widths, head_width, top, bottom)
+
+
+@dataclass(frozen=True)
+class MultiExpertConfig:
+    """A multi-expert run's model: the architectures of its experts, in interval order, and the training schedule
+    that ties their intervals to noise levels. Filled by diffusion.registry.resolve_model from the expert runs."""
+
+    experts: tuple[Any, ...]  # expert n's model config (a UNetConfig in MEME) at position n - 1
+    train_schedule: ScheduleConfig | None  # the experts' common training schedule (routing boundaries)
+    data_shape: tuple[int, ...]
+    channels: int
+    num_classes: int
+    self_cond: bool  # must be False
+
+    def validate(self) -> None:
+        if not self.experts or self.train_schedule is None:
+            raise ValueError(
+                "the multi_expert preset needs model.experts: the names of its expert runs, expert 1 (t near 0) first"
+            )
+        for n, cfg in enumerate(self.experts, start=1):
+            if (cfg.data_shape, cfg.channels, cfg.num_classes) != (self.data_shape, self.channels, self.num_classes):
+                raise ValueError(
+                    f"expert {n} models {cfg.channels}x{cfg.data_shape} with {cfg.num_classes} classes, "
+                    f"the multi-expert run {self.channels}x{self.data_shape} with {self.num_classes}"
+                )
+        if self.self_cond:
+            raise ValueError(
+                "a multi-expert run has no latent state to self-condition on: set train.self_cond_rate to 0"
+            )
+
+
+class MultiExpert(nn.Module):
+    """A Denoiser over N experts that sends each example to the expert owning its noise level (see the module
+    docstring). The state is passed on to whichever expert is called (U-Nets return None)."""
+
+    def __init__(self, experts: Sequence[nn.Module], train_schedule: Schedule, cfg: MultiExpertConfig | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.experts = nn.ModuleList(experts)
+        t = interval_bounds(len(experts))
+        # gamma at t = n/N for n = 1..N-1, falling with n; expert n owns [bounds[n-1], bounds[n-2]).
+        self.register_buffer("gamma_bounds", train_schedule(t).float(), persistent=False)
+
+    def route(self, gamma: Tensor) -> Tensor:
+        """0-based index of the expert owning each noise level: how many boundaries gamma_train(n/N) gamma lies
+        below. (B,) -> (B,) long."""
+        return (gamma.float()[:, None] < self.gamma_bounds[None]).sum(dim=1)
+
+    def forward(
+        self, x_t: Tensor, gamma: Tensor, labels: Tensor | None = None, state: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        idx = self.route(gamma)  # (B,)
+        first = int(idx[0])
+        if bool((idx == first).all()):  # a sampling step: one expert for the whole batch
+            return self.experts[first](x_t, gamma, labels, state)
+        output, new_state = None, None
+        for e in idx.unique().tolist():
+            rows = (idx == e).nonzero().squeeze(1)
+            out, st = self.experts[e](
+                x_t[rows], gamma[rows], None if labels is None else labels[rows], None if state is None else state[rows]
+            )
+            if output is None:
+                output = out.new_empty((x_t.shape[0], *out.shape[1:]))
+            output[rows] = out
+            if st is not None:
+                if new_state is None:
+                    new_state = st.new_zeros((x_t.shape[0], *st.shape[1:]))
+                new_state[rows] = st
+        return output, new_state
+
+
+def build_multi_expert(cfg: MultiExpertConfig) -> MultiExpert:
+    """A MultiExpert of freshly initialised experts (for weights loaded afterwards, or for counting its cost)."""
+    from diffusion.registry import build
+
+    cfg.validate()
+    return MultiExpert([build(c) for c in cfg.experts], Schedule(cfg.train_schedule), cfg)
+
+
+def expert_weight_files(expert_runs: Sequence[str], outputs: Path, use_ema: bool) -> list[Path]:
+    """outputs/<expert run>/train/(ema|model).safetensors for each expert, in interval order."""
+    name = "ema.safetensors" if use_ema else "model.safetensors"
+    return [Path(outputs) / run / "train" / name for run in expert_runs]
+
+
+def load_multi_expert(cfg: MultiExpertConfig, files: Sequence[Path], device: torch.device | str) -> MultiExpert:
+    """The router with expert n's weights from files[n - 1] (safetensors, no pickle)."""
+    from safetensors.torch import load_file
+
+    if len(files) != len(cfg.experts):
+        raise ValueError(f"{len(cfg.experts)} experts but {len(files)} weight files")
+    model = build_multi_expert(cfg)
+    for expert, path in zip(model.experts, files, strict=True):
+        expert.load_state_dict(load_file(str(path), device="cpu"))
+    return model.to(device).eval()
+
+
+def own_interval_rate(count: int, p: float) -> float:
+    """Probability that a soft-assignment draw lands in the expert's own interval: p + (1 - p) / N."""
+    return p + (1.0 - p) / count
