@@ -128,14 +128,15 @@ class MultiExpert(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.experts = nn.ModuleList(experts)
-        t = interval_bounds(len(experts))
-        # gamma at t = n/N for n = 1..N-1, falling with n; expert n owns [bounds[n-1], bounds[n-2]).
-        self.register_buffer("gamma_bounds", train_schedule(t).float(), persistent=False)
+        self.train_schedule = train_schedule
 
     def route(self, gamma: Tensor) -> Tensor:
-        """0-based index of the expert owning each noise level: how many boundaries gamma_train(n/N) gamma lies
-        below. (B,) -> (B,) long."""
-        return (gamma.float()[:, None] < self.gamma_bounds[None]).sum(dim=1)
+        """0-based index of the expert owning each noise level: how many boundaries gamma_train(n/N), n = 1..N-1,
+        gamma lies below. The boundaries are computed on gamma's device and in its dtype, by the same kernels that
+        computed the sampler's gamma, so a step at t = n/N meets its boundary exactly. (B,) -> (B,) long."""
+        dtype = gamma.dtype if gamma.dtype == torch.float64 else torch.float32
+        bounds = self.train_schedule(interval_bounds(len(self.experts), dtype, gamma.device))  # (N-1,) falling
+        return (gamma.to(dtype)[:, None] < bounds[None]).sum(dim=1)
 
     def forward(
         self, x_t: Tensor, gamma: Tensor, labels: Tensor | None = None, state: Tensor | None = None
