@@ -37,3 +37,206 @@ def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     assert os.environ["AWS_ENDPOINT_URL"] == s3_endpoint
     return f"s3://{name}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prefect server for the session (`prefect server start`, SQLite in a temporary PREFECT_HOME): ~20-40 s
+    to start on 2 cores, so every flow test shares it. PREFECT_API_URL points at it, for this process (Prefect's
+    settings) and for subprocesses (the environment). Returns the API URL."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("wb")
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.read().strip() == b"true":
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    try:
+        with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
+            mp.setenv("PREFECT_API_URL", url)
+            mp.setenv("PREFECT_HOME", str(home))
+            mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            yield url
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            for worker in (APILogWorker, EventsWorker):  # deliver queued logs and events while the server is up
+                worker.drain_all(timeout=20)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+TOY_SCRIPT = '''"""A toy pipeline shaped like the real one (prep -> train@run -> evaluate@run -> report), fast.
+train writes one checkpoint per step and resumes from the newest; runs.<name>.fail makes it fail on purpose."""
+import json, os, sys, time
+from pathlib import Path
+
+import yaml
+
+stage, name = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "")
+params = yaml.safe_load(open("params.yaml"))
+
+
+def write(path, obj):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+if stage == "prep":
+    write("data/prep.json", {"seed": params["prep"]["seed"]})
+elif stage == "train":
+    run = params["runs"][name]
+    if run.get("fail") == "config":
+        print(f"error: params.yaml: runs.{name}.fail is set", file=sys.stderr)
+        sys.exit(2)
+    marker = Path(f"outputs/{name}/killed-once")
+    if run.get("fail") == "signal" and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        os.kill(os.getpid(), 9)
+    ckpt = Path(f"outputs/{name}/train/ckpt")
+    done = sorted(int(p.stem) for p in ckpt.glob("*.json")) if ckpt.exists() else []
+    start = done[-1] if done else 0
+    for step in range(start + 1, run["steps"] + 1):
+        time.sleep(run.get("sleep", 0.0))
+        write(ckpt / f"{step:05d}.json", {"step": step})
+        print(f"train {name}: step {step}", flush=True)
+    write(f"outputs/{name}/train/model.json", {"steps": run["steps"], "n": run["n"]})
+    write(f"outputs/{name}/train/log.json", {"resumed_from": start})
+elif stage == "evaluate":
+    model = json.loads(Path(f"outputs/{name}/train/model.json").read_text())
+    write(f"outputs/{name}/eval/metrics.json", {"score": model["n"] * model["steps"]})
+elif stage == "report":
+    rows = {r: json.loads(Path(f"outputs/{r}/eval/metrics.json").read_text()) for r in params["runs"]}
+    Path("outputs/report").mkdir(parents=True, exist_ok=True)
+    Path("outputs/report/report.md").write_text("".join(f"| {r} | {m['score']} |\\n" for r, m in rows.items()))
+'''
+
+TOY_DVC_YAML = """stages:
+  prep:
+    cmd: python toy.py prep
+    deps:
+      - toy.py
+    params:
+      - prep
+    outs:
+      - data/prep.json
+  train:
+    foreach: ${runs}
+    do:
+      cmd: python toy.py train ${key}
+      deps:
+        - toy.py
+        - data/prep.json
+      params:
+        - runs.${key}
+      outs:
+        - outputs/${key}/train/model.json
+        - outputs/${key}/train/log.json:
+            cache: false
+        - outputs/${key}/train/ckpt:
+            persist: true
+            cache: false
+  evaluate:
+    foreach: ${runs}
+    do:
+      cmd: python toy.py evaluate ${key}
+      deps:
+        - toy.py
+        - outputs/${key}/train/model.json
+      metrics:
+        - outputs/${key}/eval/metrics.json:
+            cache: false
+  report:
+    cmd: python toy.py report
+    deps:
+      - toy.py
+      - outputs/a/eval/metrics.json
+      - outputs/b/eval/metrics.json
+    params:
+      - runs
+    outs:
+      - outputs/report:
+          cache: false
+"""
+
+
+@pytest.fixture()
+def toy_project(tmp_path: os.PathLike[str]) -> os.PathLike[str]:
+    """A git + DVC project in a temporary folder whose stages mimic this repository's (prep -> train@{a,b} ->
+    evaluate@{a,b} -> report; both runs in rin_table2) and take milliseconds. Returns its path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(tmp_path) / "toy"
+    root.mkdir()
+    (root / "toy.py").write_text(TOY_SCRIPT)
+    (root / "dvc.yaml").write_text(TOY_DVC_YAML)
+    params = {
+        "prep": {"seed": 0},
+        "runs": {"a": {"n": 1, "steps": 3}, "b": {"n": 2, "steps": 3}},
+        "evaluation": {"report": {"a": {"table": "rin_table2"}, "b": {"table": "rin_table2"}}},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("/data/\n/outputs/**\n!/outputs/**/\n!/outputs/*/eval/metrics.json\n/.flows/\n")
+    env = os.environ | {
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    for cmd in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "toy"],
+    ):
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
+    return root
