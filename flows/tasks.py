@@ -1,10 +1,11 @@
 """Prefect tasks over DVC stages and the scheduler that runs a set of stages in dependency order.
 
-A stage task's cache key is its inputs (workspace, stage, the stage's DVC digest) and its source. The scheduler asks
-DVC about each stage just before submitting it: when DVC says the stage is not up to date (an output deleted,
-dvc.lock from another configuration), the task runs and overwrites any cached result (`refresh_cache`); when DVC
-says it is, a completed earlier run with the same digest is a cache hit. So a re-run after a crash skips what
-finished, DVC stays the judge of what is current, and the stage that was cut short resumes from its checkpoint.
+A stage task's cache key is the stage's name, its DVC digest (command, dependency hashes, param values) and the
+task's source, not where the workspace is: the same inputs give the same key in any checkout. The scheduler asks DVC
+about each stage just before submitting it: when DVC says the stage is not up to date there (an output deleted or
+never pulled, dvc.lock from another configuration), the task runs and overwrites any cached result
+(`refresh_cache`); when DVC says it is, an earlier completion with the same digest is a cache hit. So a re-run after a
+crash skips what finished, DVC stays the judge of what is current, and a stage cut short resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ RETRY = dict(
 )
 
 
-@task(name="dvc-stage", task_run_name="{stage}", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **RETRY)
+STAGE_CACHE = (INPUTS - "workspace") + TASK_SOURCE  # the digest says what the stage computes; not where
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=STAGE_CACHE, persist_result=True, **RETRY)
 def dvc_stage(workspace: str, stage: str, digest: str) -> dict[str, Any]:
     """`dvc repro --single-item <stage>` in the workspace; `digest`, DVC's view of its inputs, keys the cache."""
     start = time.monotonic()
