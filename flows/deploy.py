@@ -1,9 +1,12 @@
-"""Served deployments of the flows: `python -m flows.deploy` (with a Prefect server at PREFECT_API_URL) serves
-reproduce-table2/{smoke,paper} and ablation/{smoke,paper}; their runs execute as subprocesses of this process, on
-this machine. `python -m flows.deploy wait FLOW/DEPLOYMENT` returns once that deployment is registered.
+"""Deployments of the flows, for a Prefect server at PREFECT_API_URL.
 
-Trigger one with `prefect deployment run 'reproduce-table2/smoke' --watch`. On GPU machines the same flows are
-deployed to a work pool instead (README, "Scaling out").
+  python -m flows.deploy [serve]           serve reproduce-table2/{smoke,paper} and ablation/{smoke,paper}; their runs
+                                           execute as subprocesses of this process, on this machine
+  python -m flows.deploy wait FLOW/NAME    return once that deployment is registered
+  python -m flows.deploy pool POOL         register reproduce-table2/POOL and ablation/POOL (paper scale) on a work
+                                           pool, code from --source; the pool's workers (GPU machines) run them
+
+Trigger one with `prefect deployment run 'reproduce-table2/smoke' --watch` (README, "Prefect" and "Scaling out").
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from prefect.client.orchestration import get_client
 
 from flows.ablation import ablation
 from flows.table2 import reproduce_table2
+from flows.workspace import repo_root
 
 API_ENV = "PREFECT_API_URL"
 SMOKE_GRID = {"runs.rin_fmnist.train.self_cond_rate": [0.0, 0.9]}  # RIN's self-conditioning ablation, in miniature
@@ -51,6 +55,20 @@ def deployments() -> list:
             description="A grid of params.yaml overrides as DVC experiments; pass --param grid='{...}'",
         ),
     ]
+
+
+def to_pool(pool: str, source: str, launcher: str) -> None:
+    """Register the paper-scale deployments on a work pool; `source` is where its workers get the code (a git URL,
+    or a path they share). `launcher` wraps the train and sample stages (flows.tasks.dvc_stage)."""
+    from prefect import flow
+
+    entrypoints = {"reproduce-table2": "flows/table2.py:reproduce_table2", "ablation": "flows/ablation.py:ablation"}
+    params = {"reproduce-table2": {"scale": "paper", "launcher": launcher}, "ablation": {"scale": "paper"}}
+    for name, entrypoint in entrypoints.items():
+        flow.from_source(source=source, entrypoint=entrypoint).deploy(
+            name=pool, work_pool_name=pool, parameters=params[name], tags=["rin-meme"], print_next_steps=False
+        )
+        print(f"registered {name}/{pool} on work pool {pool!r} (code from {source})")
 
 
 def wait_for_api(timeout_s: float) -> None:
@@ -93,16 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m flows.deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("command", nargs="?", choices=["serve", "wait"], default="serve")
-    p.add_argument("deployment", nargs="?", help="wait: FLOW/DEPLOYMENT, e.g. reproduce-table2/smoke")
+    p.add_argument("command", nargs="?", choices=["serve", "wait", "pool"], default="serve")
+    p.add_argument("name", nargs="?", help="wait: FLOW/DEPLOYMENT, e.g. reproduce-table2/smoke; pool: a work pool")
+    p.add_argument("--source", default=str(repo_root()), help="pool: git URL or shared path of this repository")
+    p.add_argument("--launcher", default="", help="pool: e.g. 'torchrun --nnodes=2 --nproc_per_node=8 ...'")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the API / the deployment")
     p.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: this machine's cores)")
     args = p.parse_args(argv)
     wait_for_api(args.timeout)
+    if args.command in ("wait", "pool") and not args.name:
+        p.error(f"{args.command} needs a name")
     if args.command == "wait":
-        if not args.deployment:
-            p.error("wait needs FLOW/DEPLOYMENT")
-        wait_for_deployment(args.deployment, args.timeout)
+        wait_for_deployment(args.name, args.timeout)
+        return 0
+    if args.command == "pool":
+        to_pool(args.name, args.source, args.launcher)
         return 0
     serve(*deployments(), limit=args.limit)
     return 0

@@ -176,6 +176,15 @@ def stage_graph(workspace: Path, targets: Sequence[str]) -> dict[str, list[str]]
         return {s.name: sorted(d.name for d in sub.successors(s)) for s in order}
 
 
+def stage_command(workspace: Path, stage_name: str) -> str:
+    """The stage's command as dvc.yaml renders it (e.g. `python -m diffusion.cli train rin_fmnist`)."""
+    with _open_repo(workspace) as repo:
+        stage = _stages(repo, workspace).get(stage_name)
+        if stage is None:
+            raise StageError(f"{workspace}/dvc.yaml has no stage {stage_name!r}")
+        return str(stage.cmd)
+
+
 def stage_state(workspace: Path, stage_name: str) -> StageState:
     """What DVC says about one stage now. `digest` is computed like a dvc.lock entry without its outputs, so it is
     the same before the stage runs and after it has run; a Prefect cache key that includes it matches a completed

@@ -21,7 +21,9 @@ from flows.workspace import read_params, repo_root, workspace_name
 TABLE = "rin_table2"
 
 
-def run_table(table: str, scale: str, overrides: dict[str, Any] | None, parallel: int, project: str | None) -> dict:
+def run_table(
+    table: str, scale: str, overrides: dict[str, Any] | None, parallel: int, project: str | None, launcher: str
+) -> dict:
     """Shared body of the per-table flows: pick the table's runs, prepare the workspace, run the stages, publish."""
     log = get_run_logger()
     repo = Path(project).resolve() if project else repo_root()
@@ -39,7 +41,7 @@ def run_table(table: str, scale: str, overrides: dict[str, Any] | None, parallel
         name, workspace = "repo", repo
     log.info("%s at %s scale: runs %s in %s; results in %s", table, scale, runs, workspace, storage)
     targets = [f"evaluate@{run}" for run in runs] + ["report"]
-    stages = run_stages(workspace, targets, storage, parallel)
+    stages = run_stages(workspace, targets, storage, parallel, launcher)
     if S3Location.from_env() is not None:
         publish(str(workspace), list(stages), name)
         if workspace == repo and _has_dvc_remote(repo):
@@ -63,12 +65,17 @@ def _has_dvc_remote(repo: Path) -> bool:
 
 @flow(name="reproduce-table2", flow_run_name="table2-{scale}", log_prints=True)
 def reproduce_table2(
-    scale: Scale = "smoke", overrides: dict[str, Any] | None = None, parallel: int = 2, project: str | None = None
+    scale: Scale = "smoke",
+    overrides: dict[str, Any] | None = None,
+    parallel: int = 2,
+    project: str | None = None,
+    launcher: str = "",
 ) -> dict:
     """RIN Table 2 (image generation) at `scale`: "smoke" (a tiny configuration of the same runs, minutes on a CPU) or
     "paper" (params.yaml as it is, for a GPU cluster). `overrides`: extra dotted params.yaml keys (runs then in
-    their own workspace); `parallel`: stages at once; `project`: another checkout of this repository."""
-    return run_table(TABLE, scale, overrides, parallel, project)
+    their own workspace); `parallel`: stages at once; `project`: another checkout of this repository; `launcher`:
+    what runs the train and sample stages' `python` (e.g. `torchrun --nproc_per_node=8`)."""
+    return run_table(TABLE, scale, overrides, parallel, project, launcher)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overrides", default="{}", help="JSON object of dotted params.yaml keys -> values")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--project", help="checkout to run in (default: this one)")
+    p.add_argument("--launcher", default="", help="e.g. 'torchrun --standalone --nproc_per_node=8'")
     args = p.parse_args(argv)
     result = reproduce_table2(
-        scale=args.scale, overrides=json.loads(args.overrides), parallel=args.parallel, project=args.project
+        scale=args.scale,
+        overrides=json.loads(args.overrides),
+        parallel=args.parallel,
+        project=args.project,
+        launcher=args.launcher,
     )
     print(json.dumps(result, indent=1))
     return 0

@@ -10,6 +10,7 @@ crash skips what finished, DVC stays the judge of what is current, and a stage c
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,16 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.tasks import exponential_backoff
 
 from diffusion.storage import S3Location, StorageError, upload_files
-from flows.stages import InfrastructureError, dvc_cmd, run_logged, stage_graph, stage_outputs, stage_state
+from flows.stages import (
+    InfrastructureError,
+    StageError,
+    dvc_cmd,
+    run_logged,
+    stage_command,
+    stage_graph,
+    stage_outputs,
+    stage_state,
+)
 from flows.workspace import sync_workspace
 
 RETRIES = 2  # after the first attempt; only for infrastructure failures
@@ -42,14 +52,30 @@ RETRY = dict(
 )
 
 
-STAGE_CACHE = (INPUTS - "workspace") + TASK_SOURCE  # the digest says what the stage computes; not where
+# The digest says what the stage computes; where (workspace) and how it is launched (launcher) do not change it.
+STAGE_CACHE = (INPUTS - "workspace" - "launcher") + TASK_SOURCE
+LAUNCHED_STAGES = ("train", "sample")  # torchrun-aware stages (diffusion/distributed.py), which a launcher may wrap
 
 
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=STAGE_CACHE, persist_result=True, **RETRY)
-def dvc_stage(workspace: str, stage: str, digest: str) -> dict[str, Any]:
-    """`dvc repro --single-item <stage>` in the workspace; `digest`, DVC's view of its inputs, keys the cache."""
-    start = time.monotonic()
-    run_logged(dvc_cmd("repro", "--single-item", stage), Path(workspace), get_run_logger())
+def dvc_stage(workspace: str, stage: str, digest: str, launcher: str = "") -> dict[str, Any]:
+    """`dvc repro --single-item <stage>` in the workspace; `digest`, DVC's view of its inputs, keys the cache.
+
+    With a `launcher` (e.g. `torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=head:29500`),
+    train and sample stages run their dvc.yaml command with `python` replaced by the launcher, then `dvc commit`
+    records them: dvc.lock and the cache key are the same as for a plain `dvc repro`."""
+    log, ws, start = get_run_logger(), Path(workspace), time.monotonic()
+    if launcher and stage.split("@")[0] in LAUNCHED_STAGES:
+        if stage_state(ws, stage).up_to_date:
+            log.info("%s is up to date", stage)
+        else:
+            cmd = shlex.split(stage_command(ws, stage))
+            if cmd[0] != "python":
+                raise StageError(f"{stage}: command {' '.join(cmd)!r} does not start with python; cannot launch it")
+            run_logged([*shlex.split(launcher), *cmd[1:]], ws, log)
+            run_logged(dvc_cmd("commit", "--force", stage), ws, log)
+    else:
+        run_logged(dvc_cmd("repro", "--single-item", stage), ws, log)
     return {"stage": stage, "digest": digest, "seconds": round(time.monotonic() - start, 1)}
 
 
@@ -90,7 +116,9 @@ class PipelineError(RuntimeError):
     """One or more stages failed; the message lists them and the stages skipped because of them."""
 
 
-def run_stages(workspace: Path, targets: Sequence[str], storage: Path | str, parallel: int = 2) -> dict[str, dict]:
+def run_stages(
+    workspace: Path, targets: Sequence[str], storage: Path | str, parallel: int = 2, launcher: str = ""
+) -> dict[str, dict]:
     """Run `targets` and what they depend on, each stage as a `dvc-stage` task once its upstream stages are done, at
     most `parallel` at a time. Independent branches keep going when a stage fails; the flow fails at the end.
     Returns stage -> {state, seconds, cached} in completion order."""
@@ -118,7 +146,7 @@ def run_stages(workspace: Path, targets: Sequence[str], storage: Path | str, par
                 state.digest[:12],
             )
             options = dict(refresh_cache=not state.up_to_date, result_storage=storage)
-            future = dvc_stage.with_options(**options).submit(str(workspace), stage, state.digest)
+            future = dvc_stage.with_options(**options).submit(str(workspace), stage, state.digest, launcher)
             running[future] = stage
             del waiting[stage]
         if not running:

@@ -135,6 +135,17 @@ def test_flow_runs_the_graph_and_caches_what_dvc_calls_current(prefect_server, t
     assert (toy_project / "outputs/report/report.md").read_text() == "| a | 3 |\n| b | 15 |\n"
 
 
+def test_launcher_wraps_train_stages_and_dvc_commits_them(prefect_server, toy_project):
+    state, states = run_table2(toy_project, launcher=f"env TOY_LAUNCHER=yes {PY}")
+    assert state.is_completed() and set(stage_states(states).values()) == {"Completed"}
+    for run in ("a", "b"):  # train ran under the launcher; evaluate (not a launched stage) through dvc repro
+        assert json.loads((toy_project / f"outputs/{run}/train/log.json").read_text())["launcher"] == "yes"
+    status = subprocess.run([PY, "-m", "dvc", "status", "--json"], cwd=toy_project, capture_output=True, text=True)
+    assert json.loads(status.stdout) == {}  # `dvc commit` recorded the launched stages in dvc.lock
+    _, states = run_table2(toy_project)  # no launcher now: same cache keys, same DVC state
+    assert set(stage_states(states).values()) == {"Cached"}
+
+
 def test_stage_errors_fail_at_once_and_killed_stages_are_retried(prefect_server, toy_project):
     from prefect import flow
 
