@@ -88,7 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from diffusion import distributed
-    from diffusion.generate import generate, sampling_fingerprint
+    from diffusion.generate import context_clips, generate, sampling_fingerprint
     from diffusion.train import load_weights
 
     run = load_params(args.params).run(args.run)
@@ -102,8 +102,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ConfigError(f"{weights}: no trained weights; run `python -m diffusion.cli train {run.name}` first")
         model = load_weights(run, weights, d.device)
     out = Path(args.out or OUTPUTS / run.name / "samples")
+    context = context_clips(run, args.shards or f"data/shards/{run.dataset_name}")
     try:
-        npz = generate(run, model, out, d, sampling_fingerprint(run, weights), num_samples=args.num_samples)
+        npz = generate(run, model, out, d, sampling_fingerprint(run, weights), num_samples=args.num_samples,
+                       context=context)
     finally:
         distributed.shutdown(d)
     if npz is not None:
@@ -140,7 +142,7 @@ def _weights_error(err: Exception) -> int:
 
 
 def cmd_refstats(args: argparse.Namespace) -> int:
-    from diffusion.evaluate import feature_network, write_refstats
+    from diffusion.evaluate import feature_network_for, write_refstats
     from diffusion.metrics import WeightsError
 
     params = load_params(args.params)
@@ -148,7 +150,7 @@ def cmd_refstats(args: argparse.Namespace) -> int:
         raise ConfigError(f"params.yaml: evaluation.references has no entry {args.dataset!r}; it has "
                           f"{sorted(params.evaluation.references)}")
     try:
-        net = feature_network()
+        net = feature_network_for(params.datasets[args.dataset])
     except WeightsError as err:
         return _weights_error(err)
     path = write_refstats(args.dataset, params.datasets[args.dataset], params.evaluation.references[args.dataset],
@@ -169,9 +171,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         m = evaluate_run(params, run, samples, Path(args.refstats), out)
     except WeightsError as err:
         return _weights_error(err)
-    flag = " (singular covariance: exact SVD FID)" if m["singular"] else ""
-    print(f"{run.name}: FID {m['fid']:.3f} from {m['num_samples']} samples vs {m['num_reference']} "
-          f"{m['reference_split']} images{flag}; IS {m['inception_score']} -> {out / 'metrics.json'}")
+    metric = "FVD" if "fvd" in m else "FID"
+    flag = f" (singular covariance: exact SVD {metric})" if m["singular"] else ""
+    print(f"{run.name}: {metric} {m[metric.lower()]:.3f} from {m['num_samples']} samples vs {m['num_reference']} "
+          f"{m['reference_split']} references{flag}; IS {m['inception_score']} -> {out / 'metrics.json'}")
     return 0
 
 
@@ -209,6 +212,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--num-samples", type=int, help="override sample.num_samples")
     m.add_argument("--outputs", default=str(OUTPUTS),
                    help="multi-expert runs: root of the expert runs' <expert>/train folders (default outputs)")
+    m.add_argument("--shards", help="video prediction: shard root of the context clips (default data/shards/<dataset>)")
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     m.set_defaults(fn=cmd_sample)
     r = sub.add_parser("refstats", help="cache Inception features of a dataset's reference images (FID)")

@@ -88,6 +88,9 @@ class ModelConfig:
 class DiffusionConfig:
     prediction: Literal["eps", "x0", "v"]  # what the network predicts; the loss is taken in the same space
     train_schedule: ScheduleConfig
+    # Video prediction (RIN's Kinetics-600 protocol): the first N frames of each clip are given clean, as part of
+    # the input, in training and sampling; noise and loss cover the other frames only. 0 for images.
+    context_frames: int = bounded(ge=0)
 
 
 @dataclass(frozen=True)
@@ -417,6 +420,11 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
             f"runs.{name}",
             extra={"name": name, "dataset_name": dataset_name, "dataset": datasets[dataset_name]},
         )
+        frames = datasets[dataset_name].frames
+        if run.diffusion.context_frames and run.diffusion.context_frames >= max(frames, 1):
+            what = f"the {frames} frames of its clips" if frames else "images (dataset frames: 0)"
+            raise ConfigError(f"params.yaml: runs.{name}.diffusion.context_frames={run.diffusion.context_frames} "
+                              f"must be below {what}; use 0 for images")
         runs[name] = run
     runs = attach_experts(runs)
     from diffusion.registry import resolve_model  # late import: model packages import this module's types

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from diffusion.checkpoint import write_text_atomic
 from diffusion.config import RunConfig
 from diffusion.distributed import Dist, barrier
-from diffusion.images import grid, save_png_atomic, to_uint8_nhwc
+from diffusion.images import from_uint8, grid, save_png_atomic, to_uint8_nhwc, video_grid
 from diffusion.registry import resolve_model
 from diffusion.sampling import sample
 from diffusion.shards import atomic_write_bytes, sha256_file
@@ -59,17 +59,35 @@ def sampling_fingerprint(run: RunConfig, weights: Path | Sequence[Path]) -> str:
     s = asdict(run.sample)
     digest = sha256_file(weights) if isinstance(weights, Path) else [sha256_file(w) for w in weights]
     blob = {"weights": digest, "sample": s, "prediction": run.diffusion.prediction,
-            "precision": run.train.precision}
+            "precision": run.train.precision, "context_frames": run.diffusion.context_frames}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
+def context_clips(run: RunConfig, shard_root: str | Path) -> np.ndarray | None:
+    """Video prediction: the first context_frames frames of every clip of the dataset's test split (the clips the
+    samples continue), (N, c, H, W, C) uint8; None for runs without context frames."""
+    c = run.diffusion.context_frames
+    if not c:
+        return None
+    from diffusion.sources import load_split_uint8
+
+    clips, _ = load_split_uint8(run, shard_root, "test")
+    return np.ascontiguousarray(clips[:, :c])
+
+
 def generate(run: RunConfig, model: torch.nn.Module, out_dir: Path, d: Dist, fingerprint: str,
-             num_samples: int | None = None, progress: bool = True) -> Path | None:
-    """Write out_dir/chunks/*.npz for this rank, then (rank 0) samples.npz + grid.png. Returns the npz path."""
+             num_samples: int | None = None, progress: bool = True, context: np.ndarray | None = None) -> Path | None:
+    """Write out_dir/chunks/*.npz for this rank, then (rank 0) samples.npz + grid.png. Returns the npz path.
+
+    `context` (N, c, H, W, C) uint8 (see `context_clips`): sample i continues context clip i mod N.
+    """
     cfg = resolve_model(run)
     s = run.sample
     n = num_samples or s.num_samples
-    fingerprint = hashlib.sha256(f"{fingerprint}/{n}".encode()).hexdigest()  # n sets the last chunk's size
+    if run.diffusion.context_frames and context is None:
+        raise ValueError(f"{run.name}: diffusion.context_frames > 0 needs the context clips (generate.context_clips)")
+    ctx_hash = hashlib.sha256(context.tobytes()).hexdigest() if context is not None else ""
+    fingerprint = hashlib.sha256(f"{fingerprint}/{n}/{ctx_hash}".encode()).hexdigest()  # n sets the last chunk
     chunks_dir = out_dir / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
     shape = (cfg.channels, *cfg.data_shape)
@@ -82,9 +100,12 @@ def generate(run: RunConfig, model: torch.nn.Module, out_dir: Path, d: Dist, fin
             continue
         seeds = [s.seed + i for i in range(start, min(start + s.batch_size, n))]
         labels = sample_labels(seeds, cfg.num_classes)
+        ctx = None
+        if context is not None:
+            ctx = from_uint8(context[[(i - s.seed) % len(context) for i in seeds]])
         with autocast(run.train.precision, d.device):
             x = sample(model, shape, seeds, s, run.diffusion.prediction,
-                       labels=None if labels is None else labels.to(d.device), device=d.device)
+                       labels=None if labels is None else labels.to(d.device), device=d.device, context=ctx)
         arrays = {"images": to_uint8_nhwc(x)} | ({"labels": labels.numpy()} if labels is not None else {})
         digest = _write_npz_atomic(path, **arrays)
         info = {"seeds": [seeds[0], seeds[-1]], "sha256": digest, "fingerprint": fingerprint}
@@ -92,10 +113,10 @@ def generate(run: RunConfig, model: torch.nn.Module, out_dir: Path, d: Dist, fin
     barrier(d)
     if not d.is_main:
         return None
-    return assemble(out_dir, starts, cfg.num_classes > 0, fingerprint)
+    return assemble(out_dir, starts, cfg.num_classes > 0, fingerprint, run.diffusion.context_frames)
 
 
-def assemble(out_dir: Path, starts: list[int], conditional: bool, fingerprint: str) -> Path:
+def assemble(out_dir: Path, starts: list[int], conditional: bool, fingerprint: str, context_frames: int = 0) -> Path:
     """Concatenate the chunks in seed order into samples.npz (arr_0 uint8 NHWC, arr_1 labels) and grid.png."""
     images, labels = [], []
     for start in starts:
@@ -110,7 +131,9 @@ def assemble(out_dir: Path, starts: list[int], conditional: bool, fingerprint: s
     npz = out_dir / "samples.npz"
     _write_npz_atomic(npz, **arrays)
     first = arrays["arr_0"][:64]
-    if first.ndim == 5:  # video (N, T, H, W, C): a grid of first frames
-        first = first[:, 0]
-    save_png_atomic(grid(first), out_dir / "grid.png", scale=max(1, 96 // first.shape[1]))
+    if first.ndim == 5:  # video (N, T, H, W, C): a clip per row
+        image = video_grid(first, max_clips=8, context_frames=context_frames)
+        save_png_atomic(image, out_dir / "grid.png", scale=max(1, 64 // first.shape[2]))
+    else:
+        save_png_atomic(grid(first), out_dir / "grid.png", scale=max(1, 96 // first.shape[1]))
     return npz

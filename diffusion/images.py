@@ -13,9 +13,16 @@ from PIL import Image
 
 
 def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounding as the ADM evaluator's samplers do."""
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8, rounding as the ADM evaluator's samplers do; video
+    (B, C, T, H, W) -> (B, T, H, W, C)."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return x.movedim(1, -1).cpu().numpy()
+
+
+def from_uint8(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Inverse of to_uint8_nhwc: (B, [T,] H, W, C) uint8 -> (B, C, [T,] H, W) float in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(x))
+    return x.movedim(-1, 1).float() / 127.5 - 1.0
 
 
 def grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -27,6 +34,19 @@ def grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarr
     for i, img in enumerate(images):
         r, q = divmod(i, ncols)
         out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = img
+    return out
+
+
+def video_grid(clips: np.ndarray, max_clips: int = 8, context_frames: int = 0, pad: int = 2) -> np.ndarray:
+    """(N, T, H, W, C) uint8 -> one image, a clip per row and a frame per column; with `context_frames` c, a
+    bright bar under the first c frames marks them as given rather than generated."""
+    clips = clips[:max_clips]
+    n, t, h, w, c = clips.shape
+    out = grid(clips.reshape(n * t, h, w, c), ncols=t, pad=pad)
+    if context_frames:
+        bar = np.zeros((pad + 2, out.shape[1], c), dtype=np.uint8)
+        bar[1:-1, pad : context_frames * (w + pad)] = 255
+        out = np.concatenate([out, bar])
     return out
 
 

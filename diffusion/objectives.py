@@ -118,6 +118,14 @@ def self_conditioning_state(
     return state.detach() * _bcast(keep.float(), state)
 
 
+def with_context(x_t: Tensor, context: Tensor | None) -> Tensor:
+    """Video prediction: x_t (B, C, T, H, W) with its first c frames replaced by the clean context (B, C, c, H, W).
+    The network sees context and noisy frames as one clip; only the noisy ones are denoised."""
+    if context is None or context.shape[2] == 0:
+        return x_t
+    return torch.cat([context.to(x_t.dtype), x_t[:, :, context.shape[2] :]], dim=2)
+
+
 def diffusion_loss(
     model: Denoiser,
     x0: Tensor,
@@ -126,13 +134,20 @@ def diffusion_loss(
     prediction: Prediction,
     self_cond_rate: float,
     noise: NoiseDraw,
+    context_frames: int = 0,
 ) -> Tensor:
-    """Mean squared error in the `prediction` space at the drawn t, per example: returns (B,)."""
+    """Mean squared error in the `prediction` space at the drawn t, per example: returns (B,).
+
+    With `context_frames` c > 0 (video, x0 of shape (B, C, T, H, W)), the first c frames enter clean and the loss
+    covers frames c..T-1 only.
+    """
     noise = noise.to(x0.device)
     gamma = schedule(noise.t)
-    x_t = q_sample(x0, noise.eps, gamma)
+    x_t = with_context(q_sample(x0, noise.eps, gamma), x0[:, :, :context_frames] if context_frames else None)
     keep = noise.u < self_cond_rate if self_cond_rate > 0 else None
     state = self_conditioning_state(model, x_t, gamma, labels, keep)
     output, _ = model(x_t, gamma, labels, state)
     err = F.mse_loss(output.float(), target(prediction, x0, noise.eps, gamma).float(), reduction="none")
+    if context_frames:
+        err = err[:, :, context_frames:]
     return err.flatten(1).mean(1)

@@ -95,7 +95,8 @@ PAPER_TABLES: dict[str, PaperTable] = {t.key: t for t in (
 
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10", "imagenet64": "ImageNet",
                  "imagenet128": "ImageNet", "imagenet256": "ImageNet", "ffhq256": "FFHQ", "celebahq256": "CelebA-HQ",
-                 "kinetics600": "Kinetics-600", "moving_mnist": "Moving-MNIST"}
+                 "kinetics600": "Kinetics-600", "moving_mnist": "Moving-MNIST",
+                 "moving_fmnist": "Moving Fashion-MNIST"}
 COST_COLUMNS = ("params", "GFLOPs", "sampling steps", "samples", "train steps", "images seen")
 
 
@@ -146,18 +147,21 @@ def fmt(value: Value, digits: int = 2) -> str:
 
 def _our_metric(metric: str, ev: dict[str, Any], notes: list[str]) -> str:
     value = ev.get(METRIC_KEYS[metric])
-    if metric == "FID" and value is not None:
+    if metric in ("FID", "FVD") and value is not None:
         if ev.get("singular"):
-            method = METHOD_NAMES.get(ev["fid_method"], ev["fid_method"])
-            notes.append(f"FID from {ev['num_samples']} samples vs {ev['num_reference']} {ev['reference_split']} "
-                         f"images by the {method} method: with <= 2048 images the covariance is singular, so the "
-                         "FID is biased upwards and not comparable with 50k-sample values")
+            key = METRIC_KEYS[metric]
+            method = METHOD_NAMES.get(ev[f"{key}_method"], ev[f"{key}_method"])
+            what, dim, versus = ("images", 2048, "50k-sample") if metric == "FID" else ("clips", 400, "published")
+            notes.append(f"{metric} from {ev['num_samples']} samples vs {ev['num_reference']} {ev['reference_split']} "
+                         f"{what} by the {method} method: with <= {dim} {what} the covariance is singular, so the "
+                         f"{metric} is biased upwards and not comparable with {versus} values")
             return f"{fmt(value)} (singular)"
         return fmt(value)
     if isinstance(value, int | float) and not isinstance(value, bool):
         return fmt(float(value))
-    reason = {"IS": "no Inception-v3 classifier weights (set eval.is_classifier)",
-              "FVD": "no FVD evaluator yet (I3D not ported, SPEC §3)"}.get(metric, "not in eval/metrics.json")
+    is_reason = ("no video classifier weights offline" if ev.get("frames")
+                 else "no Inception-v3 classifier weights (set eval.is_classifier)")
+    reason = is_reason if metric == "IS" else "not in eval/metrics.json"
     notes.append(f"{metric}: not available, {reason}")
     return DASH
 
@@ -185,7 +189,10 @@ def our_setting(res: RunResult, placement: ReportRow) -> str:
     parts = []
     if ev is not None:
         res_px = ev["resolution"]
-        parts = [f"{DATASET_NAMES.get(ev['dataset'], ev['dataset'])} {res_px}x{res_px}", f"{ev['num_samples']} samples"]
+        size = f"{ev['frames']}x{res_px}x{res_px}" if ev.get("frames") else f"{res_px}x{res_px}"
+        parts = [f"{DATASET_NAMES.get(ev['dataset'], ev['dataset'])} {size}", f"{ev['num_samples']} samples"]
+        if ev.get("context_frames"):
+            parts.insert(1, f"{ev['context_frames']} context frames")
     if placement.scale:
         parts.append(placement.scale)
     return ", ".join(parts) or DASH
@@ -321,9 +328,11 @@ def _eval_lines(results: Sequence[RunResult]) -> list[str]:
         ev = res.eval
         if ev is None:
             continue
-        method = METHOD_NAMES.get(ev["fid_method"], ev["fid_method"])
-        lines.append(f"- `{res.name}`: FID by the {method} method from {ev['num_samples']} samples vs the "
-                     f"first {ev['num_reference']} {ev['reference_split']} images ({ev['reference_file']}); "
+        key = "fvd" if "fvd" in ev else "fid"
+        method = METHOD_NAMES.get(ev[f"{key}_method"], ev[f"{key}_method"])
+        lines.append(f"- `{res.name}`: {key.upper()} by the {method} method from {ev['num_samples']} samples vs the "
+                     f"first {ev['num_reference']} {ev['reference_split']} {'clips' if key == 'fvd' else 'images'} "
+                     f"({ev['reference_file']}); "
                      f"features: {ev['feature_network']}, sha256 `{ev['feature_network_sha256'][:16]}`; "
                      f"sampler {ev['sampler']}, {ev['sampling_steps']} steps.")
     return lines or ["- no run has been evaluated yet (`dvc repro`)."]

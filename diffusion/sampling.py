@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusion.config import SampleConfig
-from diffusion.objectives import Denoiser, Prediction, _bcast, to_x0_eps
+from diffusion.objectives import Denoiser, Prediction, _bcast, to_x0_eps, with_context
 from diffusion.schedules import Schedule
 
 
@@ -64,12 +64,19 @@ def sample(
     labels: Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    context: Tensor | None = None,
 ) -> Tensor:
-    """Draw len(seeds) samples of per-image `shape` (e.g. (C, H, W)); returns (B, *shape) in [-1, 1]."""
+    """Draw len(seeds) samples of per-image `shape` (e.g. (C, H, W)); returns (B, *shape) in [-1, 1].
+
+    `context` (B, C, c, H, W), video only: the clips' first c frames, held fixed at every step (the noise drawn
+    for those frames is discarded, so a sample's noise does not depend on c).
+    """
     device = torch.device(device)
     schedule = Schedule(cfg.schedule)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = per_image_noise(generators, shape, device)
+    if context is not None:
+        context = context.to(device)
+    x = with_context(per_image_noise(generators, shape, device), context)
     b = x.shape[0]
     state = None
     pairs = time_pairs(cfg.steps, cfg.td)
@@ -87,4 +94,5 @@ def sample(
             x = step_ddpm(x, x0, eps, g_now, g_next, noise, cfg.variance)
         else:
             x = step_ddim(x0, eps, g_now, g_next, noise, cfg.eta)
-    return x.clamp(-1.0, 1.0)
+        x = with_context(x, context)
+    return with_context(x, context).clamp(-1.0, 1.0)

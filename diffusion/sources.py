@@ -34,7 +34,7 @@ class ArrayBatches:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, random_flip: bool):
         x = torch.from_numpy(np.ascontiguousarray(images))
-        self.images = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W) uint8
+        self.images = x[:, None] if x.dim() == 3 else x.movedim(-1, 1)  # (N, C, [T,] H, W) uint8
         self.labels = torch.from_numpy(np.asarray(labels)).long()
         if batch_size > len(self.images):
             raise ValueError(f"batch_size {batch_size} exceeds the {len(self.images)} training images")
@@ -59,7 +59,7 @@ class ArrayBatches:
         if self.random_flip:
             g = torch.Generator().manual_seed(self.seed * 7_919 + step)
             flip = (torch.rand(self.batch_size, generator=g) < 0.5)[rank * local : (rank + 1) * local]
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
         return x, self.labels[idx]
 
 

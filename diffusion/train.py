@@ -31,7 +31,7 @@ from diffusion import checkpoint
 from diffusion.checkpoint import write_text_atomic
 from diffusion.config import RunConfig
 from diffusion.distributed import Dist, all_reduce_mean, barrier
-from diffusion.images import grid, to_uint8_nhwc
+from diffusion.images import grid, to_uint8_nhwc, video_grid
 from diffusion.objectives import NoiseDraw, diffusion_loss
 from diffusion.optim import lr_factor, make_optimizer
 from diffusion.registry import build_model, resolve_model
@@ -113,7 +113,8 @@ def train_step(model: nn.Module, batch: tuple[Tensor, Tensor], noise: NoiseDraw,
     x0, labels = batch[0].to(d.device), batch[1].to(d.device)
     with autocast(run.train.precision, d.device):
         loss = diffusion_loss(model, x0, labels if run.model.class_conditional else None, schedule,
-                              run.diffusion.prediction, run.train.self_cond_rate, noise).mean()
+                              run.diffusion.prediction, run.train.self_cond_rate, noise,
+                              run.diffusion.context_frames).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = run.train.grad_clip if run.train.grad_clip > 0 else math.inf
@@ -141,6 +142,7 @@ class Trainer:
         self.fingerprint = training_fingerprint(run)
         self.draw_t = time_sampler(run)
         self.step = 0
+        self.preview_context: Tensor | None = None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -181,6 +183,9 @@ class Trainer:
         t = self.run.train
         lr = self.set_lr()
         batch = source.batch(self.step, self.d.rank, self.d.world_size)
+        c = self.run.diffusion.context_frames
+        if c and self.preview_context is None:  # video prediction previews continue this process's first clips
+            self.preview_context = batch[0][:16, :, :c].clone()
         local = batch[0].shape[0]
         noise = NoiseDraw.draw(step_generator(t.seed, self.step), (t.batch_size, *batch[0].shape[1:]), self.draw_t)
         noise = noise.rows(self.d.rank * local, (self.d.rank + 1) * local)
@@ -192,14 +197,22 @@ class Trainer:
 
     @torch.no_grad()
     def preview(self, n: int = 16) -> np.ndarray:
-        """A grid of n samples from the EMA weights (DDIM, eta 0, at most 50 steps), as an (H, W, C) uint8 image."""
+        """A grid of n samples from the EMA weights (DDIM, eta 0, at most 50 steps), as an (H, W, C) uint8 image;
+        video: one clip per row (at most 8), continuing training clips when the run predicts from context frames."""
         run, cfg = self.run, self.model.cfg
         quick = replace(run.sample, sampler="ddim", eta=0.0, steps=min(run.sample.steps, 50))
+        video = len(cfg.data_shape) == 3
+        context = self.preview_context
+        n = min(n, 8, len(context) if context is not None else 8) if video else n
         labels = torch.arange(n, device=self.d.device) % cfg.num_classes if cfg.num_classes else None
         with autocast(run.train.precision, self.d.device):
             x = sample(self.ema.module.eval(), (cfg.channels, *cfg.data_shape), list(range(n)), quick,
-                       run.diffusion.prediction, labels=labels, device=self.d.device)
-        image = grid(to_uint8_nhwc(x), ncols=8)  # (H, W, C)
+                       run.diffusion.prediction, labels=labels, device=self.d.device,
+                       context=context[:n] if context is not None else None)
+        if video:
+            image = video_grid(to_uint8_nhwc(x), context_frames=run.diffusion.context_frames)
+        else:
+            image = grid(to_uint8_nhwc(x), ncols=8)  # (H, W, C)
         return image[..., 0] if image.shape[-1] == 1 else image
 
     def fit(self, source: BatchSource, live=None) -> TrainResult:

@@ -35,6 +35,7 @@ class RINConfig:
     num_classes: int  # 0: unconditional; otherwise a class token joins the latents
     self_cond: bool  # build the warm-start path Z_init = Z_emb + LN0(Z_prev + MLP(Z_prev))
     noise_embed_scale: float  # the sinusoidal embedding sees gamma * scale
+    token_norm: bool = True  # LayerNorm the patch embeddings (pix2seq); it divides out each patch's scale
 
     @property
     def num_tokens(self) -> int:
@@ -169,13 +170,14 @@ def sincos_positions(grid: tuple[int, ...], dim: int) -> Tensor:
 class PatchTokenizer(nn.Module):
     """Non-overlapping 2-D or 3-D patches -> LayerNorm'd tokens + learned positions, and the inverse readout."""
 
-    def __init__(self, data_shape: tuple[int, ...], channels: int, patch: tuple[int, ...], dim: int):
+    def __init__(self, data_shape: tuple[int, ...], channels: int, patch: tuple[int, ...], dim: int,
+                 norm: bool = True):
         super().__init__()
         conv = {2: nn.Conv2d, 3: nn.Conv3d}[len(patch)]
         self.grid = tuple(s // p for s, p in zip(data_shape, patch, strict=True))
         self.patch, self.channels = patch, channels
         self.stem = conv(channels, dim, kernel_size=patch, stride=patch)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
         # Learned positions, initialised with fixed sin-cos features (pix2seq's `sin_cos_plus_learned`): tokens are
         # LayerNorm'd to unit scale first, so a 0.02-scale random start would leave position nearly invisible.
         self.pos = nn.Parameter(sincos_positions(self.grid, dim))
@@ -221,7 +223,7 @@ class RIN(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.tokenizer = PatchTokenizer(cfg.data_shape, cfg.channels, cfg.patch, cfg.interface_dim)
+        self.tokenizer = PatchTokenizer(cfg.data_shape, cfg.channels, cfg.patch, cfg.interface_dim, cfg.token_norm)
         self.latents = nn.Parameter(torch.zeros(cfg.num_latents - cfg.num_cond_tokens, cfg.latent_dim))
         nn.init.trunc_normal_(self.latents, std=0.02)
         self.noise_embed = NoiseLevelEmbedding(cfg.latent_dim, cfg.noise_embed_scale)
