@@ -66,11 +66,6 @@ def classify(returncode: int, output: str) -> type[RuntimeError]:
     return StageError
 
 
-def retry_on_infrastructure(task: object, task_run: object, state: object) -> bool:
-    """Prefect retry condition: retry only InfrastructureError (the failed state carries the exception)."""
-    return isinstance(getattr(state, "data", None), InfrastructureError)
-
-
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This environment with the running interpreter's bin folder first on PATH (DVC runs `python` from PATH)."""
     env = dict(os.environ)

@@ -63,7 +63,7 @@ def _has_dvc_remote(repo: Path) -> bool:
         return bool(r.config["core"].get("remote"))
 
 
-@flow(name="reproduce-table2", flow_run_name="table2-{scale}", log_prints=True)
+@flow(name="reproduce-table2", flow_run_name="table2-{scale}")
 def reproduce_table2(
     scale: Scale = "smoke",
     overrides: dict[str, Any] | None = None,

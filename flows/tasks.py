@@ -142,7 +142,7 @@ def run_stages(
             log.info(
                 "%s: %s (digest %s)",
                 stage,
-                "up to date" if state.up_to_date else f"to run: {state.changes}",
+                "up to date" if state.up_to_date else f"to run: {state.changes[:300]}",
                 state.digest[:12],
             )
             options = dict(refresh_cache=not state.up_to_date, result_storage=storage)
