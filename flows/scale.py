@@ -1,5 +1,5 @@
-"""Run scales and params.yaml overrides: `paper` runs params.yaml as it is (a GPU cluster); `smoke` shrinks the same
-runs, their datasets and reference sets to minutes on a CPU. Overrides are dotted params.yaml keys, as in
+"""Run scales and params.yaml overrides: `paper` runs params.yaml as it is (a GPU cluster); `smoke` shrinks every
+run, its dataset and reference set to minutes on a CPU. Overrides are dotted params.yaml keys, as in
 `dvc exp run -S runs.rin_fmnist.train.steps=1000`."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ SCALES: tuple[str, ...] = ("paper", "smoke")
 # The tiny configuration of every run at smoke scale. Each value is what the key is set to; one place, no defaults
 # repeated: anything not named here keeps its params.yaml value.
 SMOKE_DATASET = {"max_samples": 256, "shard_size": 128}  # per split, after the seeded shuffle; two shards a split
-SMOKE_REFERENCE = {"num_images": 64}  # Inception features of 64 real images (~10 s on 2 cores)
-SMOKE_TINY_PRESET = {"rin": "rin_tiny"}  # model family -> its unit-test sized preset (~0.3M parameters)
+SMOKE_TINY_PRESET = {("rin", False): "rin_tiny", ("rin", True): "rin_tiny_video"}  # (family, video) -> preset;
+# families without an entry keep their preset and are only trained, sampled and evaluated less
 SMOKE_RUN = {
     "train.steps": 40,
     "train.batch_size": 16,
@@ -27,10 +27,10 @@ SMOKE_RUN = {
     "train.sample_every": 0,
     "train.data": "memory",
     "sample.steps": 10,
-    "sample.num_samples": 64,
-    "sample.batch_size": 32,
-    "eval.num_reference": 64,  # 64 samples vs 64 references: a singular covariance, reported as exact SVD FID
 }
+# Samples per run = reference images per dataset: 64 images (Inception, ~10 s on 2 cores) or 16 clips (I3D, ~55
+# GFLOP a clip). Fewer than the feature size: a singular covariance, which evaluate reports as exact SVD FID / FVD.
+SMOKE_SAMPLES = {False: 64, True: 16}
 
 
 class OverrideError(ValueError):
@@ -51,18 +51,18 @@ def smoke_overrides(raw: Mapping[str, Any], runs: Iterable[str]) -> dict[str, An
         if name not in raw.get("runs", {}):
             raise OverrideError(f"params.yaml: no run named {name!r}; runs are {sorted(raw.get('runs', {}))}")
         run = raw["runs"][name]
-        dataset = run.get("dataset") or raw["defaults"].get("dataset")
+        dataset = run.get("dataset")
+        video = bool(raw.get("datasets", {}).get(dataset, {}).get("frames"))
         family = (run.get("model") or {}).get("family") or raw["defaults"]["model"]["family"]
-        if family not in SMOKE_TINY_PRESET:
-            raise OverrideError(
-                f"runs.{name}: model family {family!r} has no smoke preset; add one to "
-                f"flows.scale.SMOKE_TINY_PRESET (have {sorted(SMOKE_TINY_PRESET)})"
-            )
-        out[f"runs.{name}.model.preset"] = SMOKE_TINY_PRESET[family]
+        if (family, video) in SMOKE_TINY_PRESET:
+            out[f"runs.{name}.model.preset"] = SMOKE_TINY_PRESET[family, video]
+        n = SMOKE_SAMPLES[video]
         out |= {f"runs.{name}.{key}": value for key, value in SMOKE_RUN.items()}
+        out |= {f"runs.{name}.sample.num_samples": n, f"runs.{name}.sample.batch_size": n,
+                f"runs.{name}.eval.num_reference": n}  # fmt: skip
         out |= {f"datasets.{dataset}.{key}": value for key, value in SMOKE_DATASET.items()}
         if dataset in references:
-            out |= {f"evaluation.references.{dataset}.{key}": value for key, value in SMOKE_REFERENCE.items()}
+            out[f"evaluation.references.{dataset}.num_images"] = n
     return out
 
 
