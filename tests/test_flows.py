@@ -64,6 +64,8 @@ def test_smoke_overrides_give_a_valid_tiny_configuration():
         assert run.train.steps <= 100 and run.sample.num_samples <= 64 and 0 < run.dataset.max_samples <= 512
         assert run.eval.num_reference <= smoke.evaluation.references[run.dataset_name].num_images
         assert (run.train.lr, run.diffusion) == (full.train.lr, full.diffusion)  # what is not shrunk stays
+        if name in smoke.evaluation.report:
+            assert smoke.evaluation.report[name].scale == "smoke test"  # the report says so
     assert raw == yaml.safe_load((REPO / "params.yaml").read_text())  # the input was not modified
 
 
