@@ -36,6 +36,9 @@ class RINConfig:
     self_cond: bool  # build the warm-start path Z_init = Z_emb + LN0(Z_prev + MLP(Z_prev))
     noise_embed_scale: float  # the sinusoidal embedding sees gamma * scale
     token_norm: bool = True  # LayerNorm the patch embeddings (pix2seq); it divides out each patch's scale
+    # Kernel of a depthwise convolution over the interface's token grid after each write (pix2seq's optional
+    # `conv_kernel_size` unit); 0 (the paper's configurations) leaves tokens to exchange information via latents only.
+    interface_conv: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +62,8 @@ class RINConfig:
                                  (min(self.latent_dim, self.interface_dim), self.rw_heads, "rw")):
             if dim % heads:
                 raise ValueError(f"{name}_heads={heads} must divide the attention width {dim}")
+        if self.interface_conv < 0 or (self.interface_conv and self.interface_conv % 2 == 0):
+            raise ValueError(f"interface_conv {self.interface_conv} must be 0 (off) or an odd kernel size")
         if self.latent_dim % 8:
             raise ValueError(f"latent_dim {self.latent_dim} must be a multiple of 8 (noise-level embedding)")
 
@@ -133,8 +138,27 @@ class CrossAttentionLayer(nn.Module):
         return x + self.mlp(self.norm_mlp(x)) if self.mlp is not None else x
 
 
+class TokenConv(nn.Module):
+    """x = x + Linear(GELU(DWConv(LN(x)))) over the token grid: neighbouring patches mix directly. The projection
+    starts at zero, so the unit starts as the identity."""
+
+    def __init__(self, dim: int, grid: tuple[int, ...], kernel: int):
+        super().__init__()
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[len(grid)]
+        self.grid = grid
+        self.norm = nn.LayerNorm(dim)
+        self.conv = conv(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        h = self.norm(x).transpose(1, 2).reshape(b, d, *self.grid)  # (B, d, *grid)
+        h = self.conv(h).flatten(2).transpose(1, 2)  # (B, n, d)
+        return x + self.proj(F.gelu(h))
+
+
 class RINBlock(nn.Module):
-    """read (latents <- interface), K x process (latents), write (interface <- latents)."""
+    """read (latents <- interface), K x process (latents), write (interface <- latents) [, token conv]."""
 
     def __init__(self, cfg: RINConfig, drop_paths: list[float]):
         super().__init__()
@@ -144,12 +168,16 @@ class RINBlock(nn.Module):
             for dp in drop_paths
         )
         self.write = CrossAttentionLayer(cfg.interface_dim, cfg.latent_dim, cfg.rw_heads, cfg.interface_mlp_ratio)
+        grid = tuple(s // p for s, p in zip(cfg.data_shape, cfg.patch, strict=True))
+        self.conv = TokenConv(cfg.interface_dim, grid, cfg.interface_conv) if cfg.interface_conv else None
 
     def forward(self, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         z = self.read(z, x)  # (B, m, d')
         for layer in self.process:
             z = layer(z)
         x = self.write(x, z)  # (B, n, d)
+        if self.conv is not None:
+            x = self.conv(x)
         return z, x
 
 
@@ -270,3 +298,5 @@ def _init_linear(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+    if isinstance(m, TokenConv):
+        nn.init.zeros_(m.proj.weight)

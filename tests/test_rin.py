@@ -1,5 +1,7 @@
 """RIN: shapes, the zero-initialised warm start, the stop-gradient of self-conditioning, the paper's size."""
 
+import math
+
 import pytest
 import torch
 
@@ -145,3 +147,26 @@ def test_initial_positions_tell_every_token_apart(grid, dim):
     n = pos.shape[0]
     assert pos.shape == (n, dim) and n == torch.Size(grid).numel()
     assert dist[~torch.eye(n, dtype=torch.bool)].min() > 0.1  # no two positions (nearly) coincide
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (2, 4, 4)])
+def test_token_conv_starts_as_identity_and_mixes_neighbours_only(grid):
+    from rin.model import TokenConv, _init_linear
+
+    conv = TokenConv(8, grid, 3)
+    conv.apply(_init_linear)
+    x = torch.randn(2, math.prod(grid), 8)
+    assert torch.equal(conv(x), x)  # zero-initialised projection: the unit is the identity at the start
+    torch.nn.init.normal_(conv.proj.weight)
+    y = torch.randn_like(x)
+    y2 = y.clone()
+    y2[:, 0] += 1.0  # token 0 sits in the grid's corner
+    changed = (conv(y2) - conv(y)).abs().amax(dim=(0, 2)).reshape(grid) > 0
+    expect = torch.zeros(grid, dtype=torch.bool)
+    expect[tuple(slice(0, 2) for _ in grid)] = True  # the corner and its 3x3(x3) neighbours
+    assert torch.equal(changed, expect)
+
+
+def test_interface_conv_must_be_an_odd_kernel():
+    with pytest.raises(ValueError, match="interface_conv 2 must be 0"):
+        tiny_config(interface_conv=2).validate()
