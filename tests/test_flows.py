@@ -242,6 +242,7 @@ def env_with_venv() -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # minutes on an idle 2-core machine; more when it is shared
 @needs_data
 def test_smoke_dvc_repro_end_to_end(tmp_path):
     root = tmp_path / "repo"
@@ -259,6 +260,7 @@ def test_smoke_dvc_repro_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # minutes on an idle 2-core machine; more when it is shared
 @needs_data
 def test_smoke_table2_deployment_then_kill_and_rerun(prefect_server, clone):
     serve = subprocess.Popen([PY, "-m", "flows.deploy", "serve"], cwd=clone, env=env_with_venv(),
@@ -275,7 +277,7 @@ def test_smoke_table2_deployment_then_kill_and_rerun(prefect_server, clone):
     assert "rin_fmnist" in (smoke / "outputs/report/report.md").read_text()
     assert not (clone / "outputs").exists()
 
-    overrides = {"runs.rin_fmnist.train.steps": 400, "runs.rin_fmnist.train.checkpoint_every": 10}
+    overrides = {"runs.rin_fmnist.train.steps": 100, "runs.rin_fmnist.train.checkpoint_every": 10}
     cmd = [PY, "-m", "flows.table2", "--scale", "smoke", "--overrides", json.dumps(overrides)]
     flow = subprocess.Popen(cmd, cwd=clone, env=env_with_venv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 900
@@ -296,6 +298,7 @@ def test_smoke_table2_deployment_then_kill_and_rerun(prefect_server, clone):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # minutes on an idle 2-core machine; more when it is shared
 @needs_data
 def test_smoke_ablation_is_listed_by_dvc_exp_show(prefect_server, clone):
     from flows.ablation import ablation
