@@ -155,20 +155,25 @@ def _stages(repo, workspace: Path) -> dict[str, Any]:
 def stage_graph(workspace: Path, targets: Sequence[str]) -> dict[str, list[str]]:
     """The targets and every stage they depend on, in an order where each stage follows its upstream stages:
     stage -> the stages it depends on directly. Read from DVC (dvc.yaml templated over params.yaml)."""
-    import networkx as nx
-
     with _open_repo(workspace) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         by_name = _stages(repo, workspace)
         unknown = [t for t in targets if t not in by_name]
         if unknown:
             raise StageError(f"{workspace}/dvc.yaml has no stage {unknown[0]!r}; stages are {sorted(by_name)}")
-        wanted = {by_name[t] for t in targets}
+        order: dict[str, list[str]] = {}
+
+        def visit(stage: Any) -> None:  # depth first: upstream stages enter `order` before their dependents
+            if stage.name in order:
+                return
+            ups = sorted(graph.successors(stage), key=lambda s: s.name)
+            for up in ups:
+                visit(up)
+            order[stage.name] = [up.name for up in ups]
+
         for target in targets:
-            wanted |= nx.descendants(graph, by_name[target])
-        sub = graph.subgraph(wanted)
-        order = list(reversed(list(nx.topological_sort(sub))))
-        return {s.name: sorted(d.name for d in sub.successors(s)) for s in order}
+            visit(by_name[target])
+        return order
 
 
 def stage_command(workspace: Path, stage_name: str) -> str:
