@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run = load_params(args.params).run(args.run)
     if run.experts:
-        raise ConfigError(f"runs.{run.name} is a multi-expert run and trains nothing itself: train its experts "
+        raise ConfigError(f"{run.params_key} is a multi-expert run and trains nothing itself: train its experts "
                           f"({', '.join(e.name for e in run.experts)}), then sample it")
     d = distributed.init(args.device)
     out = Path(args.out or OUTPUTS / run.name / "train")
@@ -182,7 +182,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from diffusion.report import write_report
 
     params = load_params(args.params)
-    path = write_report(params.evaluation.report, sorted(params.runs), Path(args.outputs), Path(args.out))
+    ensembles = {name: [e.name for e in run.experts] for name, run in params.ensembles.items()}
+    path = write_report(params.evaluation.report, sorted(params.all_runs), Path(args.outputs), Path(args.out),
+                        ensembles)
     print(f"wrote {path}")
     return 0
 

@@ -1,6 +1,8 @@
 """Typed, frozen configuration mirroring params.yaml, built once at the edge.
 
-params.yaml holds every default (its `defaults:` section); a run deep-merges its own section over them. The
+params.yaml holds every default (its `defaults:` section); a run deep-merges its own section over them. Runs live in
+three sections by what the pipeline does with them (RUN_SECTIONS): `runs` are trained, sampled and evaluated;
+`experts` (MEME) are only trained; `ensembles` (MEME multi-expert) are sampled and evaluated from their experts. The
 loader rejects unknown keys, missing keys, wrong types and out-of-range values, naming the key path.
 """
 
@@ -80,8 +82,7 @@ class ModelConfig:
     preset: str
     class_conditional: bool
     overrides: dict[str, Any]
-    # MEME multi-expert run (preset multi_expert): its expert runs, expert 1 (t near 0) first; absent: none
-    experts: tuple[str, ...] = ()
+    experts: tuple[str, ...]  # an ensemble's expert runs (section `experts`), expert 1 (t near 0) first; else []
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class TrainConfig:
     data: Literal["memory", "stream"]  # memory: whole split in RAM, exact resume; stream: WebDataset shards
     num_workers: int = bounded(ge=0)  # DataLoader workers of the stream source
     sample_every: int = bounded(ge=0)  # a preview grid (EMA weights, 16 images) every N steps; 0 disables
-    expert: ExpertConfig | None = None  # MEME: train one expert's time interval; absent or null: t ~ U(0, 1)
+    expert: ExpertConfig | None  # MEME: the expert's time interval (section `experts` only); null: t ~ U(0, 1)
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,13 @@ class EvalConfig:
     is_splits: int = bounded(ge=1)  # IS is the mean and std over this many chunks of the samples (10 in the papers)
 
 
+Section = Literal["runs", "experts", "ensembles"]
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str
+    section: Section  # the params.yaml section the run is in (RUN_SECTIONS says what the pipeline does with it)
     dataset_name: str
     dataset: DatasetConfig
     model: ModelConfig
@@ -166,11 +171,16 @@ class RunConfig:
     eval: EvalConfig
     experts: tuple[RunConfig, ...] = ()  # the runs named by model.experts, attached by parse_params
 
+    @property
+    def params_key(self) -> str:
+        """The run's key path in params.yaml, e.g. runs.rin_fmnist or experts.meme_fmnist_e1."""
+        return f"{self.section}.{self.name}"
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """What `dvc repro` builds on this machine: a shard stage per listed dataset (every run under `runs` is
-    trained, sampled and evaluated, so its dataset must be listed here)."""
+    """What `dvc repro` builds on this machine: a shard stage per listed dataset (every run of every section goes
+    through the pipeline, so its dataset must be listed here)."""
 
     datasets: tuple[str, ...]
 
@@ -202,13 +212,22 @@ class EvaluationConfig:
 class Params:
     pipeline: PipelineConfig
     datasets: dict[str, DatasetConfig]
-    runs: dict[str, RunConfig]
+    runs: dict[str, RunConfig]  # `runs`: trained, sampled and evaluated
+    experts: dict[str, RunConfig]  # `experts`: MEME experts, only trained
+    ensembles: dict[str, RunConfig]  # `ensembles`: MEME multi-expert runs, sampled and evaluated from their experts
     evaluation: EvaluationConfig
 
+    @property
+    def all_runs(self) -> dict[str, RunConfig]:
+        """Every run of the three sections by name (names are unique across them)."""
+        return self.runs | self.experts | self.ensembles
+
     def run(self, name: str) -> RunConfig:
-        if name not in self.runs:
-            raise ConfigError(f"params.yaml: no run named {name!r}; runs are {sorted(self.runs)}")
-        return self.runs[name]
+        runs = self.all_runs
+        if name not in runs:
+            raise ConfigError(f"params.yaml: no run named {name!r} under {', '.join(RUN_SECTIONS)}; runs are "
+                              f"{sorted(runs)}")
+        return runs[name]
 
 
 def _describe(tp: Any) -> str:
@@ -328,26 +347,43 @@ def _has_default(f: dataclasses.Field) -> bool:
     return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
 
 
+def check_role(run: RunConfig) -> None:
+    """A run's section matches what it is: an expert trains one interval (train.expert), an ensemble routes between
+    experts (model.experts), a run of `runs` is neither."""
+    key = run.params_key
+    if run.section == "experts" and run.train.expert is None:
+        raise ConfigError(f"params.yaml: {key}.train.expert is null: an expert run trains one time interval, give "
+                          "{index: n, count: N, p: p_n} (or move the run to `runs` to train on all of [0, 1])")
+    if run.section != "experts" and run.train.expert is not None:
+        raise ConfigError(f"params.yaml: {key}.train.expert is set: a run that trains one MEME expert belongs under "
+                          "`experts:` (trained by train_expert@<name>, sampled through its ensemble)")
+    if run.section == "ensembles" and not run.model.experts:
+        raise ConfigError(f"params.yaml: {key}.model.experts is empty: an ensemble samples from its expert runs; "
+                          "list them (section `experts`), expert 1 (t near 0) first")
+    if run.section != "ensembles" and run.model.experts:
+        raise ConfigError(f"params.yaml: {key}.model.experts is set: a multi-expert run trains nothing itself and "
+                          "belongs under `ensembles:`")
+
+
 def attach_experts(runs: dict[str, RunConfig]) -> dict[str, RunConfig]:
-    """Resolve each multi-expert run's model.experts to the expert runs, checking that they form one MEME: expert
-    n of N at position n, all on the run's dataset and prediction type, with one training schedule."""
+    """Resolve each ensemble's model.experts to the expert runs, checking that they form one MEME: expert n of N at
+    position n, all on the ensemble's dataset and prediction type, with one training schedule."""
     out = dict(runs)
+    experts_section = sorted(n for n, r in runs.items() if r.section == "experts")
     for name, run in runs.items():
         if not run.model.experts:
             continue
-        path = f"params.yaml: runs.{name}.model.experts"
-        if run.train.expert is not None:
-            raise ConfigError(f"params.yaml: runs.{name}.train.expert: a multi-expert run trains nothing itself")
-        missing = [e for e in run.model.experts if e not in runs]
+        path = f"params.yaml: {run.params_key}.model.experts"
+        missing = [e for e in run.model.experts if e not in experts_section]
         if missing:
-            raise ConfigError(f"{path} names no run {missing[0]!r}; runs are {sorted(runs)}")
+            raise ConfigError(f"{path} names no run {missing[0]!r} of the section `experts`; it has {experts_section}")
         experts = tuple(runs[e] for e in run.model.experts)
         for i, expert in enumerate(experts):
             e = expert.train.expert
             if e is None or (e.index, e.count) != (i + 1, len(experts)):
                 has = "no train.expert" if e is None else f"train.expert index {e.index} of count {e.count}"
                 raise ConfigError(f"{path}[{i}]: run {expert.name!r} must train expert {i + 1} of {len(experts)} "
-                                  f"(runs.{expert.name}.train.expert), it has {has}")
+                                  f"({expert.params_key}.train.expert), it has {has}")
             shared = {"dataset": (run.dataset_name, expert.dataset_name),
                       "diffusion.prediction": (run.diffusion.prediction, expert.diffusion.prediction),
                       "model.class_conditional": (run.model.class_conditional, expert.model.class_conditional),
@@ -372,12 +408,53 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return out
 
 
-_RUN_SECTIONS = ("dataset", "model", "diffusion", "train", "sample", "eval")
+# What the pipeline does with the runs of each params.yaml section, and the keys each run writes (dvc.yaml lists
+# <section>.<name>.<key> as stage params, so each must be present; `{}` takes the defaults).
+RUN_SECTIONS: dict[str, tuple[str, ...]] = {
+    "runs": ("dataset", "model", "diffusion", "train", "sample", "eval"),  # train@, sample@, evaluate@
+    "experts": ("dataset", "model", "diffusion", "train"),  # train_expert@ only: sampled through an ensemble
+    "ensembles": ("dataset", "model", "diffusion", "train", "sample", "eval"),  # sample_ensemble@, evaluate_ensemble@
+}
+
+
+def parse_run(section: Section, name: str, run_raw: Any, defaults: Mapping[str, Any],
+              datasets: Mapping[str, DatasetConfig], pipeline: PipelineConfig) -> RunConfig:
+    """One run of a section: its own keys deep-merged over `defaults`, typed and checked."""
+    key, allowed = f"{section}.{name}", RUN_SECTIONS[section]
+    if not isinstance(run_raw, Mapping):
+        raise ConfigError(f"params.yaml: {key} must be a mapping of {list(allowed)}")
+    unknown = sorted(set(run_raw) - set(allowed))
+    if unknown:
+        why = "; an expert is sampled only through its ensemble" if section == "experts" else ""
+        raise ConfigError(f"params.yaml: unknown key {key}.{unknown[0]}; allowed: {list(allowed)}{why}")
+    missing = [k for k in allowed if k not in run_raw]
+    if missing:  # dvc.yaml lists <section>.<name>.<key> as stage params, so each must exist (`{}` is fine)
+        raise ConfigError(f"params.yaml: missing key {key}.{missing[0]} (write `{missing[0]}: {{}}` to take the "
+                          "defaults)")
+    merged = deep_merge(defaults, run_raw)
+    dataset_name = merged.get("dataset")
+    if dataset_name not in datasets:
+        raise ConfigError(f"params.yaml: {key}.dataset must name one of the datasets {sorted(datasets)}, "
+                          f"got {dataset_name!r}")
+    if dataset_name not in pipeline.datasets:
+        raise ConfigError(f"params.yaml: {key}.dataset {dataset_name!r} has no shard stage: add it to "
+                          "pipeline.datasets")
+    merged = {k: v for k, v in merged.items() if k != "dataset"}
+    run = build_dataclass(RunConfig, merged, key, extra={"name": name, "section": section,
+                                                         "dataset_name": dataset_name,
+                                                         "dataset": datasets[dataset_name]})
+    frames = datasets[dataset_name].frames
+    if run.diffusion.context_frames and run.diffusion.context_frames >= max(frames, 1):
+        what = f"the {frames} frames of its clips" if frames else "images (dataset frames: 0)"
+        raise ConfigError(f"params.yaml: {key}.diffusion.context_frames={run.diffusion.context_frames} "
+                          f"must be below {what}; use 0 for images")
+    check_role(run)
+    return run
 
 
 def parse_params(raw: Mapping[str, Any]) -> Params:
     """Turn the parsed YAML into typed objects, validating everything (including model overrides)."""
-    top = ("pipeline", "datasets", "defaults", "runs", "evaluation")
+    top = ("pipeline", "datasets", "defaults", *RUN_SECTIONS, "evaluation")
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params.yaml must be a mapping with keys {', '.join(top)}")
     unknown = sorted(set(raw) - set(top))
@@ -385,47 +462,21 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
         raise ConfigError(f"params.yaml: unknown top-level key {unknown[0]}; allowed: {', '.join(top)}")
     for key in top:
         if not isinstance(raw.get(key), Mapping):
-            raise ConfigError(f"params.yaml: missing or malformed top-level section {key!r} (a mapping)")
+            raise ConfigError(f"params.yaml: missing or malformed top-level section {key!r} (a mapping; `{key}: {{}}` "
+                              "when empty)")
     datasets = {name: build_dataclass(DatasetConfig, d, f"datasets.{name}") for name, d in raw["datasets"].items()}
     pipeline = build_dataclass(PipelineConfig, raw["pipeline"], "pipeline")
     for i, name in enumerate(pipeline.datasets):
         if name not in datasets:
             raise ConfigError(f"params.yaml: pipeline.datasets[{i}] must name one of the datasets {sorted(datasets)}, "
                               f"got {name!r}")
-    runs = {}
-    for name, run_raw in raw["runs"].items():
-        if not isinstance(run_raw, Mapping):
-            raise ConfigError(f"params.yaml: runs.{name} must be a mapping of {list(_RUN_SECTIONS)}")
-        unknown = sorted(set(run_raw) - set(_RUN_SECTIONS))
-        if unknown:
-            raise ConfigError(f"params.yaml: unknown key runs.{name}.{unknown[0]}; allowed: {list(_RUN_SECTIONS)}")
-        missing = [k for k in _RUN_SECTIONS if k not in run_raw]
-        if missing:  # dvc.yaml lists runs.<name>.<section> as stage params, so each must exist (`{}` is fine)
-            raise ConfigError(f"params.yaml: missing key runs.{name}.{missing[0]} (write `{missing[0]}: {{}}` to take "
-                              "the defaults)")
-        merged = deep_merge(raw["defaults"], run_raw)
-        dataset_name = merged.get("dataset")
-        if dataset_name not in datasets:
-            raise ConfigError(
-                f"params.yaml: runs.{name}.dataset must name one of the datasets {sorted(datasets)}, "
-                f"got {dataset_name!r}"
-            )
-        if dataset_name not in pipeline.datasets:
-            raise ConfigError(f"params.yaml: runs.{name}.dataset {dataset_name!r} has no shard stage: add it to "
-                              "pipeline.datasets")
-        merged = {k: v for k, v in merged.items() if k != "dataset"}
-        run = build_dataclass(
-            RunConfig,
-            merged,
-            f"runs.{name}",
-            extra={"name": name, "dataset_name": dataset_name, "dataset": datasets[dataset_name]},
-        )
-        frames = datasets[dataset_name].frames
-        if run.diffusion.context_frames and run.diffusion.context_frames >= max(frames, 1):
-            what = f"the {frames} frames of its clips" if frames else "images (dataset frames: 0)"
-            raise ConfigError(f"params.yaml: runs.{name}.diffusion.context_frames={run.diffusion.context_frames} "
-                              f"must be below {what}; use 0 for images")
-        runs[name] = run
+    runs: dict[str, RunConfig] = {}
+    for section in RUN_SECTIONS:
+        for name, run_raw in raw[section].items():
+            if name in runs:  # outputs/<name>/ and `diffusion.cli train <name>` address a run by its name alone
+                raise ConfigError(f"params.yaml: {section}.{name}: the name is taken by {runs[name].params_key}; "
+                                  "run names must be unique across runs, experts and ensembles")
+            runs[name] = parse_run(section, name, run_raw, raw["defaults"], datasets, pipeline)
     runs = attach_experts(runs)
     from diffusion.registry import resolve_model  # late import: model packages import this module's types
 
@@ -436,7 +487,8 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
         if name not in pipeline.datasets:
             raise ConfigError(f"params.yaml: evaluation.references.{name} names no dataset of pipeline.datasets "
                               f"{list(pipeline.datasets)}: add it there or remove the entry")
-    return Params(pipeline=pipeline, datasets=datasets, runs=runs, evaluation=evaluation)
+    sections = {section: {n: r for n, r in runs.items() if r.section == section} for section in RUN_SECTIONS}
+    return Params(pipeline=pipeline, datasets=datasets, evaluation=evaluation, **sections)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

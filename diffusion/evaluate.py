@@ -123,13 +123,13 @@ def reference_set(params: Params, run: RunConfig) -> ReferenceSet:
     ref = params.evaluation.references.get(run.dataset_name)
     if ref is None:
         raise ConfigError(f"params.yaml: evaluation.references has no entry for dataset {run.dataset_name!r} (used by "
-                          f"runs.{run.name}); add `{run.dataset_name}: {{split: train, num_images: N}}`")
+                          f"{run.params_key}); add `{run.dataset_name}: {{split: train, num_images: N}}`")
     where = f"evaluation.references.{run.dataset_name}"
     if run.eval.reference_split != ref.split:
-        raise ConfigError(f"params.yaml: runs.{run.name}.eval.reference_split is {run.eval.reference_split!r} but "
+        raise ConfigError(f"params.yaml: {run.params_key}.eval.reference_split is {run.eval.reference_split!r} but "
                           f"{where}.split is {ref.split!r}; make them agree")
     if run.eval.num_reference > ref.num_images:
-        raise ConfigError(f"params.yaml: runs.{run.name}.eval.num_reference {run.eval.num_reference} exceeds "
+        raise ConfigError(f"params.yaml: {run.params_key}.eval.num_reference {run.eval.num_reference} exceeds "
                           f"{where}.num_images {ref.num_images}; lower the first or raise the second")
     return ref
 
@@ -149,7 +149,7 @@ def load_reference_features(path: Path, run: RunConfig) -> np.ndarray:
             raise DataError(f"{path}: holds {key} {meta[key]!r}, run {run.name} needs {want!r}; delete the file and "
                             f"run `dvc repro refstats@{run.dataset_name}`")
     if len(feats) < run.eval.num_reference:
-        raise DataError(f"{path}: holds {len(feats)} images, runs.{run.name}.eval.num_reference asks for "
+        raise DataError(f"{path}: holds {len(feats)} images, {run.params_key}.eval.num_reference asks for "
                         f"{run.eval.num_reference}; re-run refstats@{run.dataset_name}")
     return feats
 
@@ -167,7 +167,7 @@ def load_samples(path: Path, run: RunConfig) -> np.ndarray:
         raise DataError(f"{path}: arr_0 is {images.dtype} {images.shape}, expected uint8 (N, "
                         f"{', '.join(map(str, shape))}); re-run `dvc repro sample@{run.name}`")
     if len(images) < 2:
-        raise DataError(f"{path}: {len(images)} sample(s); FID needs at least 2 (raise runs.{run.name}."
+        raise DataError(f"{path}: {len(images)} sample(s); FID needs at least 2 (raise {run.params_key}."
                         "sample.num_samples)")
     return images
 
@@ -184,7 +184,7 @@ def inception_score_fields(images: np.ndarray, run: RunConfig) -> dict[str, Any]
     if classifier is None:
         return {"inception_score": NOT_AVAILABLE, "inception_score_note": IS_NOT_AVAILABLE}
     if run.eval.is_splits > len(images):
-        raise ConfigError(f"params.yaml: runs.{run.name}.eval.is_splits {run.eval.is_splits} exceeds the "
+        raise ConfigError(f"params.yaml: {run.params_key}.eval.is_splits {run.eval.is_splits} exceeds the "
                           f"{len(images)} samples")
     result = compute_inception_score(images, classifier, splits=run.eval.is_splits, batch_size=FEATURE_BATCH_SIZE)
     return {"inception_score": result.mean, "inception_score_std": result.std,

@@ -57,7 +57,7 @@ def apply_overrides(base: typing.Any, overrides: dict[str, typing.Any], path: st
 def resolve_model(run: RunConfig) -> typing.Any:
     """The model config a run trains: its preset, shaped to its dataset, with its overrides applied. For a
     multi-expert run (preset multi_expert), the router's config over its expert runs' resolved models."""
-    path = f"runs.{run.name}.model"
+    path = f"{run.params_key}.model"
     table = presets(run.model.family)
     if run.model.preset not in table:
         raise ConfigError(f"params.yaml: {path}.preset must be one of {sorted(table)}, got {run.model.preset!r}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +87,11 @@ PAPER_TABLES: dict[str, PaperTable] = {t.key: t for t in (
         _meme("celebahq256_meme", "CelebA-HQ 256, latent, MEME (4 experts)", "LDM-L - 0.37", None,
               "SPEC §2 (the -0.37 delta: abstract)"),
     ), MEME_SOURCE),
-    PaperTable("meme_table2", "MEME Table 2: pixel-space ADM baseline (small)", ("FID",), (
+    PaperTable("meme_table2", "MEME Table 2: pixel space, ADM-S baseline, same-architecture multi-expert and MEME",
+               ("FID",), (
         _meme("adm_s", "ADM-S baseline, pixel space", 49.56, "90M"),
+        _meme("adm_multi", "Same-architecture multi-expert (4 experts of one architecture), ablation", None, None,
+              "SPEC §2 'Ablations', unverified: SPEC names this comparison with MEME but gives no number"),
         _meme("adm_meme", "MEME on ADM-S (4 experts)", 41.10, "4 x 82M"),
     ), MEME_SOURCE),
 )}
@@ -119,12 +122,21 @@ def _read_json(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid JSON ({err}); re-run the stage that writes it") from None
 
 
-def load_run(outputs: Path, name: str) -> RunResult:
-    """Read a run's eval and train metrics, training log and sample grid, noting each that is missing and why."""
+# The dvc.yaml stage that writes each file of a run, by the run's params.yaml section (experts are never sampled,
+# ensembles never trained: load_ensemble reads their experts' training files).
+STAGES = {"runs": {"eval": "evaluate", "train": "train", "log": "train", "grid": "sample"},
+          "experts": {"train": "train_expert", "log": "train_expert"},
+          "ensembles": {"eval": "evaluate_ensemble", "grid": "sample_ensemble"}}
+
+
+def load_run(outputs: Path, name: str, section: str = "runs") -> RunResult:
+    """Read a run's eval and train metrics, training log and sample grid (those its section's stages write), noting
+    each that is missing and why."""
     run_dir = outputs / name
+    stage = STAGES[section]
     paths = {"eval": run_dir / "eval" / "metrics.json", "train": run_dir / "train" / "metrics.json",
              "log": run_dir / "train" / "train_log.json", "grid": run_dir / "samples" / "grid.png"}
-    stage = {"eval": "evaluate", "train": "train", "log": "train", "grid": "sample"}
+    paths = {key: path for key, path in paths.items() if key in stage}
     shown = {key: Path(outputs.name, *path.parts[-3:]) for key, path in paths.items()}  # e.g. outputs/r/eval/...
     missing = tuple(f"{key}: {shown[key]} not found (`dvc repro {stage[key]}@{name}`)"
                     for key, path in paths.items() if not path.exists())
@@ -132,6 +144,20 @@ def load_run(outputs: Path, name: str) -> RunResult:
     log = _read_json(found["log"]).get("history", []) if "log" in found else []
     return RunResult(name, _read_json(found["eval"]) if "eval" in found else None,
                      _read_json(found["train"]) if "train" in found else None, log, found.get("grid"), missing)
+
+
+def load_ensemble(outputs: Path, name: str, experts: Sequence[str]) -> RunResult:
+    """A MEME ensemble: its own samples and eval, and its experts' training summed: `steps` as "N x steps" (or the
+    experts' steps joined by " + " when they differ), `images_seen` the total over the experts."""
+    own = load_run(outputs, name, "ensembles")
+    trained = [load_run(outputs, e, "experts") for e in experts]
+    missing = own.missing + tuple(m for r in trained for m in r.missing if m.startswith("train:"))
+    if any(r.train is None for r in trained):
+        return replace(own, missing=missing)
+    steps = [r.train["steps"] for r in trained]
+    shown = f"{len(steps)} x {steps[0]:,}" if len(set(steps)) == 1 else " + ".join(f"{s:,}" for s in steps)
+    train = {"steps": shown, "images_seen": sum(r.train["images_seen"] for r in trained), "experts": list(experts)}
+    return replace(own, train=train, missing=missing)
 
 
 def fmt(value: Value, digits: int = 2) -> str:
@@ -171,7 +197,12 @@ def _our_costs(res: RunResult) -> dict[str, str]:
     steps = ev.get("sampling_steps")
     gflops = ev.get("gflops_per_image")
     params = ev.get("model_params")
-    return {"params": DASH if params is None else f"{params / 1e6:.2f}M",
+    experts = tr.get("experts")
+    if params is not None and experts:
+        params_text = f"{params / 1e6:.2f}M in {len(experts)} experts"
+    else:
+        params_text = DASH if params is None else f"{params / 1e6:.2f}M"
+    return {"params": params_text,
             "GFLOPs": DASH if gflops is None else f"{gflops:.3g}",
             "sampling steps": DASH if steps is None else f"{steps} ({ev.get('sampler')})",
             "samples": fmt(ev.get("num_samples")), "train steps": fmt(tr.get("steps")),
@@ -276,7 +307,7 @@ def latex_table(frame: pd.DataFrame, caption: str, label: str) -> str:
 def _batch_size(res: RunResult) -> int | None:
     tr = res.train or {}
     steps, seen = tr.get("steps"), tr.get("images_seen")
-    return seen // steps if steps and seen else None
+    return seen // steps if isinstance(steps, int) and steps and seen else None
 
 
 def plot_loss(results: Sequence[RunResult], path: Path) -> list[str]:
@@ -338,9 +369,18 @@ def _eval_lines(results: Sequence[RunResult]) -> list[str]:
     return lines or ["- no run has been evaluated yet (`dvc repro`)."]
 
 
-def _figures(results: Sequence[RunResult], out_dir: Path) -> list[str]:
+def _ensemble_lines(ensembles: Mapping[str, Sequence[str]]) -> list[str]:
+    return [f"- `{name}` (MEME ensemble): each sampling step goes to the expert owning its noise level among "
+            + ", ".join(f"`{e}`" for e in experts) + "; its params are all experts' and its GFLOPs one expert's (one "
+            "runs per step), its train steps and images seen are the experts' training summed."
+            for name, experts in ensembles.items()]
+
+
+def _figures(results: Sequence[RunResult], out_dir: Path, experts: Sequence[RunResult] = ()) -> list[str]:
+    """Loss curves (runs and MEME experts), the FID plot and the sample grids (experts have none: their ensembles
+    are sampled)."""
     lines = ["## Training", ""]
-    loss_runs = plot_loss(results, out_dir / "loss.png")
+    loss_runs = plot_loss([*results, *experts], out_dir / "loss.png")
     if loss_runs:
         lines += [f"Training loss against images seen ({', '.join(loss_runs)}):", "", "![training loss](loss.png)", ""]
     else:
@@ -371,11 +411,16 @@ HEADER = [
 ]
 
 
-def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], outputs: Path, out_dir: Path) -> Path:
-    """outputs/report/: report.md, <table>.csv and <table>.tex per paper table, loss.png (fid.png), grids/."""
+def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], outputs: Path, out_dir: Path,
+                 ensembles: Mapping[str, Sequence[str]] | None = None) -> Path:
+    """outputs/report/: report.md, <table>.csv and <table>.tex per paper table, loss.png (fid.png), grids/.
+    `ensembles`: each MEME ensemble's expert runs, whose training its rows and the loss curves show."""
     check_mapping(mapping)
-    names = sorted(set(mapping) | set(run_names))
-    results = {name: load_run(outputs, name) for name in names}
+    ensembles = dict(ensembles or {})
+    experts = {e for group in ensembles.values() for e in group}
+    names = sorted(set(mapping) | set(run_names) | set(ensembles) | experts)
+    results = {name: load_ensemble(outputs, name, ensembles[name]) if name in ensembles
+               else load_run(outputs, name, "experts" if name in experts else "runs") for name in names}
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = list(HEADER)
     for table in PAPER_TABLES.values():
@@ -384,12 +429,13 @@ def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], out
         (out_dir / f"{table.key}.tex").write_text(latex_table(frame, table.title, table.key))
         lines += [f"## {table.title}", "", f"Paper numbers: {table.source}.", "", markdown_table(frame),
                   f"Also as [{table.key}.csv]({table.key}.csv) and [{table.key}.tex]({table.key}.tex).", ""]
-    unplaced = [n for n in names if n not in mapping]
+    unplaced = [n for n in names if n not in mapping and n not in experts]
     if unplaced:
         lines += ["Runs in no table (add them to params.yaml evaluation.report): "
                   + ", ".join(f"`{n}`" for n in unplaced) + ".", ""]
-    lines += ["## How our numbers were computed", "", *_eval_lines(list(results.values())), ""]
-    lines += _figures([results[n] for n in names], out_dir)
+    lines += ["## How our numbers were computed", "", *_eval_lines(list(results.values())),
+              *_ensemble_lines(ensembles), ""]
+    lines += _figures([results[n] for n in names if n not in experts], out_dir, [results[n] for n in sorted(experts)])
     path = out_dir / "report.md"
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
     return path

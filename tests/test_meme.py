@@ -263,7 +263,7 @@ def test_mixed_batch_is_split_between_experts():
 
 
 def tiny_meme_params(tmp_path, p=(0.8, 0.4)) -> dict:
-    """params.yaml with a two-expert tiny MEME on synthetic MNIST-style digits."""
+    """params.yaml with a two-expert tiny MEME on synthetic MNIST-style digits (no other runs)."""
     raw = yaml.safe_load(open("params.yaml"))
     raw["datasets"]["fashion_mnist"] |= {"root": str(tmp_path / "raw"), "shard_size": 32}
     train = {
@@ -280,8 +280,9 @@ def tiny_meme_params(tmp_path, p=(0.8, 0.4)) -> dict:
         "data": "memory",
         "self_cond_rate": 0.0,
     }
-    expert = {"dataset": "fashion_mnist", "diffusion": {"prediction": "v"}, "sample": {}, "eval": {}}
-    raw["runs"] = {
+    expert = {"dataset": "fashion_mnist", "diffusion": {"prediction": "v"}}
+    raw["runs"] = {}
+    raw["experts"] = {
         "tiny_e1": expert
         | {
             "model": {"family": "meme", "preset": "iunet_tiny"},
@@ -292,11 +293,14 @@ def tiny_meme_params(tmp_path, p=(0.8, 0.4)) -> dict:
             "model": {"family": "meme", "preset": "iunet_tiny", "overrides": {"iformer_ratios": [0.5, 0.0]}},
             "train": train | {"expert": {"index": 2, "count": 2, "p": p[1]}},
         },
+    }
+    raw["ensembles"] = {
         "tiny_meme": expert
         | {
             "model": {"family": "meme", "preset": "multi_expert", "experts": ["tiny_e1", "tiny_e2"]},
             "train": {"self_cond_rate": 0.0, "precision": "fp32"},
             "sample": {"steps": 4, "num_samples": 6, "batch_size": 4},
+            "eval": {},
         },
     }
     raw["evaluation"]["report"] = {}
@@ -317,35 +321,35 @@ def _with(raw, path, value):
     "path,value,message",
     [
         (
-            "runs.tiny_e1.train.expert",
+            "experts.tiny_e1.train.expert",
             {"index": 3, "count": 2, "p": 0.5},
-            r"runs\.tiny_e1\.train\.expert: expert\.index must be <= expert\.count",
+            r"experts\.tiny_e1\.train\.expert: expert\.index must be <= expert\.count",
         ),
         (
-            "runs.tiny_e1.train.expert",
+            "experts.tiny_e1.train.expert",
             {"index": 1, "count": 2, "p": 1.5},
-            r"runs\.tiny_e1\.train\.expert\.p must be >= 0 and <= 1, got 1\.5",
+            r"experts\.tiny_e1\.train\.expert\.p must be >= 0 and <= 1, got 1\.5",
         ),
-        ("runs.tiny_e1.train.expert", {"index": 1, "count": 2}, r"missing key runs\.tiny_e1\.train\.expert\.p"),
+        ("experts.tiny_e1.train.expert", {"index": 1, "count": 2}, r"missing key experts\.tiny_e1\.train\.expert\.p"),
         (
-            "runs.tiny_meme.model.experts",
+            "ensembles.tiny_meme.model.experts",
             ["tiny_e2", "tiny_e1"],
             r"experts\[0\]: run 'tiny_e2' must train expert 1 of 2 .* it has train\.expert index 2 of count 2",
         ),
-        ("runs.tiny_meme.model.experts", ["tiny_e1", "nope"], r"model\.experts names no run 'nope'"),
+        ("ensembles.tiny_meme.model.experts", ["tiny_e1", "nope"], r"model\.experts names no run 'nope'"),
         (
-            "runs.tiny_e2.diffusion",
+            "experts.tiny_e2.diffusion",
             {"prediction": "eps"},
             r"experts\[1\]: run 'tiny_e2' has diffusion\.prediction 'eps'",
         ),
         (
-            "runs.tiny_e1.train.self_cond_rate",
+            "experts.tiny_e1.train.self_cond_rate",
             0.9,
-            r"runs\.tiny_e1\.model: a U-Net has no latent state .*train\.self_cond_rate to 0",
+            r"experts\.tiny_e1\.model: a U-Net has no latent state .*train\.self_cond_rate to 0",
         ),
-        ("runs.tiny_e1.model.experts", ["tiny_e2"], r"runs\.tiny_e1\.train\.expert: a multi-expert run trains"),
-        ("runs.tiny_meme.model.preset", "iunet_tiny", r"runs\.tiny_meme\.model\.experts lists the expert runs"),
-        ("runs.tiny_meme.model.experts", [], r"runs\.tiny_meme\.model\.experts lists the expert runs"),
+        ("experts.tiny_e1.model.experts", ["tiny_e2"], r"experts\.tiny_e1\.model\.experts is set: a multi-expert run"),
+        ("ensembles.tiny_meme.model.preset", "iunet_tiny", r"ensembles\.tiny_meme\.model\.experts lists the expert"),
+        ("ensembles.tiny_meme.model.experts", [], r"ensembles\.tiny_meme\.model\.experts is empty"),
     ],
 )
 def test_expert_config_errors_name_the_key(tmp_path, path, value, message):
