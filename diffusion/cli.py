@@ -1,5 +1,5 @@
-"""Stage entry points: `python -m diffusion.cli {flops,shard,train,sample,refstats,evaluate,report} ...` (the
-commands dvc.yaml runs)."""
+"""Stage entry points: `python -m diffusion.cli {flops,shard,train,sample,refstats,evaluate,fourier,report} ...`
+(the commands dvc.yaml runs)."""
 
 from __future__ import annotations
 
@@ -89,18 +89,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from diffusion import distributed
     from diffusion.generate import context_clips, generate, sampling_fingerprint
-    from diffusion.train import load_weights
 
     run = load_params(args.params).run(args.run)
     d = distributed.init(args.device)
-    if run.experts:  # MEME: the router over its expert runs' weights, <outputs>/<expert>/train/
-        model, weights = _multi_expert(run, Path(args.outputs), d.device)
-    else:
-        train_dir = Path(args.weights or OUTPUTS / run.name / "train")
-        weights = train_dir / ("ema.safetensors" if run.sample.use_ema else "model.safetensors")
-        if not weights.exists():
-            raise ConfigError(f"{weights}: no trained weights; run `python -m diffusion.cli train {run.name}` first")
-        model = load_weights(run, weights, d.device)
+    model, weights = _trained_model(run, Path(args.outputs), args.weights, d.device)
     out = Path(args.out or OUTPUTS / run.name / "samples")
     context = context_clips(run, args.shards or f"data/shards/{run.dataset_name}")
     try:
@@ -111,6 +103,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if npz is not None:
         print(f"wrote {npz} and {out / 'grid.png'}")
     return 0
+
+
+def _trained_model(run, outputs: Path, weights_dir: str | None, device):
+    """A run's trained denoiser (EMA weights when sample.use_ema) and its weight file(s): <outputs>/<run>/train/, or
+    `weights_dir`; for a MEME ensemble, the router over <outputs>/<expert>/train/ of its experts."""
+    if run.experts:
+        return _multi_expert(run, outputs, device)
+    from diffusion.train import load_weights
+
+    train_dir = Path(weights_dir or outputs / run.name / "train")
+    weights = train_dir / ("ema.safetensors" if run.sample.use_ema else "model.safetensors")
+    if not weights.exists():
+        raise ConfigError(f"{weights}: no trained weights; run `python -m diffusion.cli train {run.name}` first")
+    return load_weights(run, weights, device), weights
 
 
 def _multi_expert(run, outputs: Path, device):
@@ -178,13 +184,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fourier(args: argparse.Namespace) -> int:
+    from diffusion import fourier
+    from diffusion.schedules import Schedule
+
+    params = load_params(args.params)
+    cfg = params.evaluation.fourier
+    if cfg is None:
+        raise ConfigError("params.yaml: evaluation.fourier is missing: give {runs: [...], t: [...], split: test, "
+                          "num_images: N, seed: 0}")
+    spectra = {}
+    for name in cfg.runs:
+        run = params.run(name)
+        model, _ = _trained_model(run, Path(args.outputs), None, "cpu")
+        x0, labels = fourier.real_images(run, args.shards or f"data/shards/{run.dataset_name}", cfg.split,
+                                         cfg.num_images)
+        schedule = Schedule((run.experts[0] if run.experts else run).diffusion.train_schedule)  # what it trained on
+        spectra[name] = fourier.analyse(model, x0, cfg.t, schedule, cfg.seed, labels)
+    out = Path(args.out)
+    meta = {"t": list(cfg.t), "split": cfg.split, "num_images": cfg.num_images, "seed": cfg.seed,
+            "measure": "mean over images and channels of log(|FFT2(h)| + 1e-6) per radial frequency bin, minus its "
+                       "value at frequency 0"}
+    fourier.write_json(out / "fourier.json", spectra, meta)
+    fourier.plot(spectra, cfg.t, out / "fourier.png")
+    print(f"wrote {out / 'fourier.json'} and {out / 'fourier.png'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from diffusion.report import write_report
 
     params = load_params(args.params)
     ensembles = {name: [e.name for e in run.experts] for name, run in params.ensembles.items()}
     path = write_report(params.evaluation.report, sorted(params.all_runs), Path(args.outputs), Path(args.out),
-                        ensembles)
+                        ensembles, fourier=Path(args.outputs) / "fourier")
     print(f"wrote {path}")
     return 0
 
@@ -213,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", help="output folder (default outputs/<run>/samples)")
     m.add_argument("--num-samples", type=int, help="override sample.num_samples")
     m.add_argument("--outputs", default=str(OUTPUTS),
-                   help="multi-expert runs: root of the expert runs' <expert>/train folders (default outputs)")
+                   help="root of the <run>/train folders (an ensemble: its experts' <expert>/train; default outputs)")
     m.add_argument("--shards", help="video prediction: shard root of the context clips (default data/shards/<dataset>)")
     m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     m.set_defaults(fn=cmd_sample)
@@ -228,6 +261,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--refstats", default="data/refstats", help="root of the cached reference features")
     e.add_argument("--out", help="output folder (default outputs/<run>/eval)")
     e.set_defaults(fn=cmd_evaluate)
+    fo = sub.add_parser("fourier", help="MEME's frequency analysis of feature maps (params.yaml evaluation.fourier)")
+    fo.add_argument("--outputs", default=str(OUTPUTS), help="root of the runs' <run>/train folders (default outputs)")
+    fo.add_argument("--shards", help="shard root of the real images (default data/shards/<dataset>)")
+    fo.add_argument("--out", default=str(OUTPUTS / "fourier"), help="folder of fourier.json and fourier.png")
+    fo.set_defaults(fn=cmd_fourier)
     o = sub.add_parser("report", help="paper tables beside our numbers, curves and sample grids")
     o.add_argument("--outputs", default=str(OUTPUTS), help="root of the runs' outputs (default outputs)")
     o.add_argument("--out", default=str(OUTPUTS / "report"), help="report folder (default outputs/report)")

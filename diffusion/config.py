@@ -203,9 +203,29 @@ class ReportRow:
 
 
 @dataclass(frozen=True)
+class FourierConfig:
+    """MEME's frequency analysis (diffusion/fourier.py, the `fourier` stage): the relative log amplitude of each
+    layer's feature maps of trained runs, on real images noised to a few t."""
+
+    # Runs or ensembles with U-Net feature maps (model family meme), each with trained weights. Like
+    # evaluation.report, it may name runs that a trimmed params file lacks: the fourier stage refuses those.
+    runs: tuple[str, ...]
+    t: tuple[float, ...]  # noise levels, as times of each run's training schedule (0: clean, 1: pure noise)
+    split: Literal["train", "test"]  # where the real images come from (the first num_images in shard order)
+    num_images: int = bounded(ge=1)
+    seed: int = bounded(ge=0)  # the noise added to the images (one draw, shared by every t and run)
+
+    def __post_init__(self) -> None:
+        for i, t in enumerate(self.t):
+            if not 0.0 <= t <= 1.0:
+                raise ConfigError(f"t[{i}] must lie in [0, 1], got {t}")
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     references: dict[str, ReferenceSet]  # dataset -> its cached reference set; one per dataset that runs use
     report: dict[str, ReportRow]  # run -> the paper row it reproduces; unmapped runs are listed apart
+    fourier: FourierConfig | None = None  # MEME's frequency analysis; absent: the fourier stage refuses to run
 
 
 @dataclass(frozen=True)
@@ -397,6 +417,19 @@ def attach_experts(runs: dict[str, RunConfig]) -> dict[str, RunConfig]:
     return out
 
 
+def check_fourier(cfg: FourierConfig, runs: Mapping[str, RunConfig]) -> None:
+    """The Fourier analysis hooks U-Net feature maps of images: the runs it names must be MEME-family image runs."""
+    for i, name in enumerate(cfg.runs):
+        key = f"params.yaml: evaluation.fourier.runs[{i}]"
+        if name not in runs:
+            continue
+        run = runs[name]
+        if run.model.family != "meme" or run.dataset.frames:
+            raise ConfigError(f"{key}: {run.params_key} is a {run.model.family} model of "
+                              f"{'video' if run.dataset.frames else 'images'}; the analysis hooks the feature maps "
+                              "of U-Nets on images (model family meme)")
+
+
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """`over` wins; mappings merge key by key (except `overrides`, which replaces as a whole)."""
     out = dict(base)
@@ -487,6 +520,8 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
         if name not in pipeline.datasets:
             raise ConfigError(f"params.yaml: evaluation.references.{name} names no dataset of pipeline.datasets "
                               f"{list(pipeline.datasets)}: add it there or remove the entry")
+    if evaluation.fourier is not None:
+        check_fourier(evaluation.fourier, runs)
     sections = {section: {n: r for n, r in runs.items() if r.section == section} for section in RUN_SECTIONS}
     return Params(pipeline=pipeline, datasets=datasets, evaluation=evaluation, **sections)
 

@@ -376,6 +376,26 @@ def _ensemble_lines(ensembles: Mapping[str, Sequence[str]]) -> list[str]:
             for name, experts in ensembles.items()]
 
 
+def _fourier_section(folder: Path, out_dir: Path) -> list[str]:
+    """MEME's frequency figure from the fourier stage (diffusion/fourier.py), copied beside the report."""
+    lines = ["## MEME: frequency analysis of feature maps", ""]
+    figure, data = folder / "fourier.png", folder / "fourier.json"
+    if not (figure.exists() and data.exists()):
+        shown = Path(folder.name) / "fourier.json"
+        return lines + [f"{DASH}: {shown} not found (`dvc repro fourier`).", ""]
+    meta = _read_json(data)
+    shutil.copyfile(figure, out_dir / "fourier.png")
+    times = ", ".join(f"{t:g}" for t in meta["t"])
+    return lines + [
+        f"Relative log amplitude of the 2-D Fourier transform of every block's output (U-Net encoder `enc*`, `mid`, "
+        f"decoder `dec*`) against radial frequency from 0 to π, for {', '.join(f'`{r}`' for r in meta['runs'])} at "
+        f"t = {times}: {meta['num_images']} {meta['split']} images noised to t with each run's training schedule "
+        "(an ensemble shows the expert that owns t). The measure: " + meta["measure"] + ". Lower at π: the block "
+        "damps high frequencies (what self-attention does; convolutions pass them). Curves dark to bright from the "
+        "input side to the output side; the last column is each block's value at π.", "",
+        "![relative log amplitude against frequency](fourier.png)", ""]
+
+
 def _figures(results: Sequence[RunResult], out_dir: Path, experts: Sequence[RunResult] = ()) -> list[str]:
     """Loss curves (runs and MEME experts), the FID plot and the sample grids (experts have none: their ensembles
     are sampled)."""
@@ -412,9 +432,10 @@ HEADER = [
 
 
 def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], outputs: Path, out_dir: Path,
-                 ensembles: Mapping[str, Sequence[str]] | None = None) -> Path:
+                 ensembles: Mapping[str, Sequence[str]] | None = None, fourier: Path | None = None) -> Path:
     """outputs/report/: report.md, <table>.csv and <table>.tex per paper table, loss.png (fid.png), grids/.
-    `ensembles`: each MEME ensemble's expert runs, whose training its rows and the loss curves show."""
+    `ensembles`: each MEME ensemble's expert runs, whose training its rows and the loss curves show. `fourier`: the
+    fourier stage's folder, whose figure gets a section (none when None)."""
     check_mapping(mapping)
     ensembles = dict(ensembles or {})
     experts = {e for group in ensembles.values() for e in group}
@@ -435,6 +456,8 @@ def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], out
                   + ", ".join(f"`{n}`" for n in unplaced) + ".", ""]
     lines += ["## How our numbers were computed", "", *_eval_lines(list(results.values())),
               *_ensemble_lines(ensembles), ""]
+    if fourier is not None:
+        lines += _fourier_section(fourier, out_dir)
     lines += _figures([results[n] for n in names if n not in experts], out_dir, [results[n] for n in sorted(experts)])
     path = out_dir / "report.md"
     path.write_text("\n".join(lines).rstrip("\n") + "\n")

@@ -304,6 +304,7 @@ def tiny_meme_params(tmp_path, p=(0.8, 0.4)) -> dict:
         },
     }
     raw["evaluation"]["report"] = {}
+    raw["evaluation"]["fourier"]["runs"] = []
     return raw
 
 

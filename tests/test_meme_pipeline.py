@@ -1,22 +1,39 @@
 """The MEME table in the pipeline: params.yaml's sections (runs, experts, ensembles) and their validation, the DVC
-graph that dvc.yaml renders from them, and the report rows of a MEME ensemble."""
+graph that dvc.yaml renders from them, the Fourier analysis of feature maps, and the report's MEME rows."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
-from diffusion import report
-from diffusion.config import ConfigError, ReportRow, load_params, parse_params
+from diffusion import cli, fourier, report
+from diffusion.config import ConfigError, ReportRow, ScheduleConfig, load_params, parse_params
+from diffusion.registry import build_model
+from diffusion.schedules import Schedule
+from meme.experts import MultiExpert
+from meme.presets import PRESETS
+from meme.unet import UNet
 
 REPO = Path(__file__).resolve().parents[1]
 ENSEMBLES = ("multi_unet_fmnist", "meme_fmnist")  # the MEME table's multi-expert rows, beside the unet_fmnist baseline
+COSINE = ScheduleConfig("cosine", 0.0, 1.0, 1.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread (two spin against each other, and against other jobs, on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +108,11 @@ def test_every_expert_belongs_to_one_ensemble():
         ("ensembles.meme_fmnist.diffusion.prediction", "eps",
          r"ensembles\.meme_fmnist\.model\.experts\[0\]: run 'meme_fmnist_e1' has diffusion\.prediction 'v'"),
         ("ensembles.multi_unet_fmnist.dataset", "mnist", r"ensembles\.multi_unet_fmnist\.dataset 'mnist' has no shard"),
+        ("evaluation.fourier.runs", ["unet_fmnist", "rin_fmnist"],
+         r"evaluation\.fourier\.runs\[1\]: runs\.rin_fmnist is a rin model of images; the analysis hooks the feature "
+         r"maps of U-Nets"),
+        ("evaluation.fourier.t", [0.1, 1.5], r"evaluation\.fourier: t\[1\] must lie in \[0, 1\], got 1\.5"),
+        ("evaluation.fourier.num_images", 0, r"evaluation\.fourier\.num_images must be >= 1"),
     ],
 )
 def test_sections_are_checked_with_the_key_path(raw, path, value, message):
@@ -108,7 +130,8 @@ def test_names_are_unique_across_sections_and_sections_are_required(raw):
         parse_params(_with(raw, "experts", None, delete=True))
     with pytest.raises(ConfigError, match=r"missing key runs\.rin_fmnist\.model\.experts"):  # every default visible
         parse_params(_with(raw, "defaults.model.experts", None, delete=True))
-    params = parse_params(_with(_with(raw, "experts", {}), "ensembles", {}))  # a pipeline without MEME is fine
+    no_meme = _with(_with(_with(raw, "experts", {}), "ensembles", {}), "evaluation.fourier.runs", [])
+    params = parse_params(no_meme)  # a pipeline without MEME is fine
     assert list(params.runs) == list(raw["runs"]) and not params.experts and not params.ensembles
 
 
@@ -157,6 +180,18 @@ def test_graph_trains_experts_and_samples_ensembles_from_their_weights(stages):
     assert "meme/unet.py" in stages["train@unet_fmnist"][0]
 
 
+def test_fourier_stage_depends_on_the_weights_of_every_run_it_analyses(stages):
+    params = load_params(REPO / "params.yaml")
+    deps, outs, keys = stages["fourier"]
+    for name in params.evaluation.fourier.runs:
+        run = params.run(name)
+        for trained in run.experts or (run,):
+            assert f"outputs/{trained.name}/train/ema.safetensors" in deps, trained.name
+        assert f"{run.params_key}.model" in keys
+    assert f"data/shards/{run.dataset_name}" in deps and "evaluation.fourier" in keys
+    assert outs == ["outputs/fourier"] and "outputs/fourier" in stages["report"][0]
+
+
 # --- the report ----------------------------------------------------------------------------------------------------
 
 
@@ -201,3 +236,106 @@ def test_report_rows_of_the_meme_table(tmp_path):
     assert "Runs in no table" not in md and "`meme_fmnist` (MEME ensemble)" in md
     assert "meme_fmnist_e1" in md.split("## Training")[1].split("## Samples")[0]  # the experts' loss curves
     assert "grid.png not found) for `meme_fmnist`, `multi_unet_fmnist`, `unet_fmnist`." in md  # no expert grids
+
+
+# --- the Fourier analysis ------------------------------------------------------------------------------------------
+
+
+def test_relative_log_amplitude_is_zero_at_frequency_zero_and_sees_smoothing():
+    torch.manual_seed(0)
+    noise = torch.randn(8, 4, 16, 16)
+    freqs, flat = fourier.relative_log_amplitude(noise)
+    assert freqs.shape == flat.shape == (9,) and freqs[0] == 0 and math.isclose(freqs[-1].item(), math.pi, rel_tol=1e-6)
+    assert flat[0] == 0 and flat.abs().max() < 0.3  # white noise: the same amplitude at every frequency
+    _, smooth = fourier.relative_log_amplitude(torch.nn.functional.avg_pool2d(noise, 3, 1, 1))
+    assert smooth[0] == 0 and smooth[-1] < smooth[1] - 1.0  # a low-pass filter damps the high frequencies
+    delta = torch.zeros(1, 1, 8, 8)
+    delta[..., 0, 0] = 1.0  # |F| = 1 at every frequency
+    assert torch.allclose(fourier.relative_log_amplitude(delta)[1], torch.zeros(5), atol=1e-5)
+    constant = torch.full((1, 1, 8, 8), 2.0)  # |F| = 128 at frequency 0, nothing elsewhere
+    want = math.log(fourier.EPS) - math.log(128 + fourier.EPS)
+    assert torch.allclose(fourier.relative_log_amplitude(constant)[1][1:], torch.full((4,), want), atol=1e-3)
+    bins, _ = fourier.radial_bins(8)
+    assert bins[0, 0] == 0 and bins[0, 4] == 4 and bins[4, 4] == -1 and bins[1, 1] == 1  # corners past pi dropped
+
+
+def tiny_unet(seed: int, preset: str = "iunet_tiny") -> UNet:
+    torch.manual_seed(seed)
+    model = UNet(PRESETS[preset])
+    with torch.no_grad():  # zero-initialised branches would hide every block but the first: give them weights
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_analyse_hooks_every_block_at_every_t():
+    model = tiny_unet(0)
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    spectra = fourier.analyse(model, x0, [0.1, 0.9], Schedule(COSINE), seed=0)
+    names = [s.name for s in spectra]
+    assert names == [f"enc{i}" for i in range(len(model.encoder))] + ["mid"] + [
+        f"dec{i}" for i in range(len(model.decoder))]
+    assert [s.resolution for s in spectra][:4] == [32, 32, 16, 16] and spectra[-1].channels == 8
+    for s in spectra:
+        assert set(s.relative_log_amplitude) == {"0.1", "0.9"} and len(s.frequencies) == s.resolution // 2 + 1
+        assert all(v[0] == 0 for v in s.relative_log_amplitude.values())
+    assert spectra[0].relative_log_amplitude["0.1"] != spectra[0].relative_log_amplitude["0.9"]
+    again = fourier.analyse(model, x0, [0.1, 0.9], Schedule(COSINE), seed=0)
+    assert [s.relative_log_amplitude for s in again] == [s.relative_log_amplitude for s in spectra]
+    assert not any(m._forward_hooks for m in model.modules())  # the hooks are gone
+
+
+def test_router_is_analysed_through_the_expert_that_owns_t():
+    experts = [tiny_unet(1, "unet_tiny"), tiny_unet(2, "iunet_tiny")]
+    router = MultiExpert(experts, Schedule(COSINE))
+    gamma = Schedule(COSINE)(torch.full((3,), 0.2))
+    assert fourier.feature_layers(router, gamma)["mid"] is experts[0].middle
+    assert fourier.feature_layers(router, Schedule(COSINE)(torch.full((3,), 0.8)))["mid"] is experts[1].middle
+    x0 = torch.rand(3, 1, 32, 32) * 2 - 1
+    mixed = fourier.analyse(router, x0, [0.2, 0.8], Schedule(COSINE), seed=1)
+    alone = [fourier.analyse(e, x0, [t], Schedule(COSINE), seed=1) for e, t in zip(experts, (0.2, 0.8))]
+    assert mixed[0].relative_log_amplitude == alone[0][0].relative_log_amplitude | alone[1][0].relative_log_amplitude
+    with pytest.raises(ValueError, match="give every example the same t"):
+        fourier.feature_layers(router, Schedule(COSINE)(torch.tensor([0.2, 0.8])))
+    with pytest.raises(ValueError, match="no feature layers known for Linear"):
+        fourier.feature_layers(torch.nn.Linear(2, 2), gamma)
+
+
+def test_fourier_stage_writes_json_and_figure_and_the_report_embeds_it(tmp_path, capsys):
+    from diffusion.data import write_dataset_shards
+    from diffusion.train import save_weights
+    from tests.fixtures import make_idx_dataset
+    from tests.test_meme import tiny_meme_params
+
+    make_idx_dataset(tmp_path / "raw", 16, 16)
+    raw = tiny_meme_params(tmp_path)
+    raw["runs"] = {"tiny_unet": {"dataset": "fashion_mnist", "model": {"family": "meme", "preset": "unet_tiny"},
+                                 "diffusion": {"prediction": "v"}, "train": {"self_cond_rate": 0.0}, "sample": {},
+                                 "eval": {}}}
+    raw["evaluation"]["fourier"] = {"runs": ["tiny_unet", "tiny_meme"], "t": [0.25, 0.75], "split": "test",
+                                    "num_images": 8, "seed": 0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "params.yaml")
+    write_dataset_shards(params.datasets["fashion_mnist"], "fashion_mnist", tmp_path / "shards", splits=("test",))
+    outputs = tmp_path / "outputs"
+    for name in ["tiny_unet", "tiny_e1", "tiny_e2"]:  # untrained weights do: only shapes are checked
+        model = build_model(params.run(name))
+        save_weights(model.state_dict(), outputs / name / "train" / "ema.safetensors", {})
+    argv = ["--params", str(tmp_path / "params.yaml"), "fourier", "--outputs", str(outputs), "--shards",
+            str(tmp_path / "shards"), "--out", str(outputs / "fourier")]
+    assert cli.main(argv) == 0
+    raw["evaluation"]["fourier"]["runs"] = ["tiny_unet", "nope"]  # accepted by the loader (like report mappings)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
+    assert cli.main(["--params", str(tmp_path / "bad.yaml"), *argv[2:]]) == 2
+    assert "no run named 'nope'" in capsys.readouterr().err
+    data = json.loads((outputs / "fourier" / "fourier.json").read_text())
+    assert data["t"] == [0.25, 0.75] and data["num_images"] == 8 and list(data["runs"]) == ["tiny_unet", "tiny_meme"]
+    layers = data["runs"]["tiny_meme"]
+    assert layers[0]["name"] == "enc0" and layers[0]["resolution"] == 32 and len(layers[0]["frequencies"]) == 17
+    assert all(curve[0] == 0 for layer in layers for curve in layer["relative_log_amplitude"].values())
+    assert (outputs / "fourier" / "fourier.png").stat().st_size > 0
+    md = report.write_report({}, [], outputs, tmp_path / "report", fourier=outputs / "fourier").read_text()
+    assert "![relative log amplitude against frequency](fourier.png)" in md
+    assert (tmp_path / "report" / "fourier.png").exists() and "`tiny_unet`, `tiny_meme` at t = 0.25, 0.75" in md
+    missing = report.write_report({}, [], outputs, tmp_path / "r2", fourier=tmp_path / "nowhere").read_text()
+    assert "nowhere/fourier.json not found (`dvc repro fourier`)" in missing
