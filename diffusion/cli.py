@@ -1,5 +1,5 @@
-"""Stage entry points: `python -m diffusion.cli {flops,shard,train,sample,refstats,evaluate,fourier,report} ...`
-(the commands dvc.yaml runs)."""
+"""Stage entry points: `python -m diffusion.cli {flops,shard,autoencoder,train,sample,refstats,evaluate,fourier,
+report} ...` (the commands dvc.yaml runs)."""
 
 from __future__ import annotations
 
@@ -66,8 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                           f"({', '.join(e.name for e in run.experts)}), then sample it")
     d = distributed.init(args.device)
     out = Path(args.out or OUTPUTS / run.name / "train")
-    source = training_source(run, args.shards or f"data/shards/{run.dataset_name}", d.rank, d.world_size)
-    trainer = Trainer(run, out, d)
+    shards = args.shards or f"data/shards/{run.dataset_name}"
+    source = training_source(run, shards, d.rank, d.world_size)
+    trainer = Trainer(run, out, d, _first_stage(run, shards, d.device))
     live = None
     if d.is_main:
         from dvclive import Live
@@ -94,15 +95,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
     d = distributed.init(args.device)
     model, weights = _trained_model(run, Path(args.outputs), args.weights, d.device)
     out = Path(args.out or OUTPUTS / run.name / "samples")
-    context = context_clips(run, args.shards or f"data/shards/{run.dataset_name}")
+    shards = args.shards or f"data/shards/{run.dataset_name}"
+    context = context_clips(run, shards)
+    first_stage = _first_stage(run, shards, d.device)
+    if first_stage is not None:  # a latent run: its samples are decoded, and the decoder is part of the fingerprint
+        weights = [*([weights] if isinstance(weights, Path) else weights), first_stage.path]
     try:
         npz = generate(run, model, out, d, sampling_fingerprint(run, weights), num_samples=args.num_samples,
-                       context=context)
+                       context=context, decode=first_stage.decode if first_stage is not None else None)
     finally:
         distributed.shutdown(d)
     if npz is not None:
         print(f"wrote {npz} and {out / 'grid.png'}")
     return 0
+
+
+def _first_stage(run, shards: str, device):
+    """A latent run's autoencoder (meme.autoencoder.FirstStage), from <shards>/autoencoder.safetensors where its
+    autoencoder stage put it; None for a run in pixel space."""
+    if run.autoencoder is None:
+        return None
+    from meme.autoencoder import WEIGHTS, load_first_stage
+
+    return load_first_stage(Path(shards) / WEIGHTS, run.autoencoder, run.dataset.channels).to(device)
 
 
 def _trained_model(run, outputs: Path, weights_dir: str | None, device):
@@ -130,6 +145,22 @@ def _multi_expert(run, outputs: Path, device):
             raise ConfigError(f"{path}: no trained weights for expert run {expert.name}; run "
                               f"`python -m diffusion.cli train {expert.name}` first")
     return load_multi_expert(resolve_model(run), files, device), files
+
+
+def cmd_autoencoder(args: argparse.Namespace) -> int:
+    from meme.autoencoder import build_latent_dataset
+
+    params = load_params(args.params)
+    if args.name not in params.autoencoders:
+        raise ConfigError(f"params.yaml: autoencoders has no entry {args.name!r}; it has {sorted(params.autoencoders)}")
+    cfg = params.autoencoders[args.name]
+    out = Path(args.out or f"data/shards/{args.name}")
+    summary = build_latent_dataset(args.name, cfg, params.datasets[cfg.dataset],
+                                   Path(args.source or f"data/shards/{cfg.dataset}"), out)
+    err = summary["test"]
+    print(f"{args.name}: latents {summary['latent_shape']}, scale {summary['latent_scale']:.3f}, test reconstruction "
+          f"L1 {err['l1']:.4f}, PSNR {err['psnr_db']:.1f} dB -> {out}")
+    return 0
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
@@ -197,8 +228,11 @@ def cmd_fourier(args: argparse.Namespace) -> int:
     for name in cfg.runs:
         run = params.run(name)
         model, _ = _trained_model(run, Path(args.outputs), None, "cpu")
-        x0, labels = fourier.real_images(run, args.shards or f"data/shards/{run.dataset_name}", cfg.split,
-                                         cfg.num_images)
+        shards = args.shards or f"data/shards/{run.dataset_name}"
+        x0, labels = fourier.real_images(run, shards, cfg.split, cfg.num_images)
+        first_stage = _first_stage(run, shards, "cpu")
+        if first_stage is not None:  # a latent run denoises latents
+            x0 = first_stage.encode(x0)
         schedule = Schedule((run.experts[0] if run.experts else run).diffusion.train_schedule)  # what it trained on
         spectra[name] = fourier.analyse(model, x0, cfg.t, schedule, cfg.seed, labels)
     out = Path(args.out)
@@ -234,6 +268,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_shard)
+    a = sub.add_parser("autoencoder", help="a latent dataset: the source dataset's shards and an autoencoder on them")
+    a.add_argument("name", help="an entry of params.yaml autoencoders (the latent dataset's name)")
+    a.add_argument("--source", help="the source dataset's shard root (default data/shards/<autoencoders.name.dataset>)")
+    a.add_argument("--out", help="the latent dataset's folder (default data/shards/<name>)")
+    a.set_defaults(fn=cmd_autoencoder)
     t = sub.add_parser("train", help="train a run from params.yaml")
     t.add_argument("run", help="a run name from params.yaml")
     t.add_argument("--out", help="output folder (default outputs/<run>/train)")

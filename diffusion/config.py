@@ -155,6 +155,49 @@ class EvalConfig:
     is_splits: int = bounded(ge=1)  # IS is the mean and std over this many chunks of the samples (10 in the papers)
 
 
+@dataclass(frozen=True)
+class ImportedWeights:
+    path: str  # a safetensors file
+    sha256: str  # its pinned hash: new weights need a new hash here, which makes DVC rebuild what depends on them
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """A KL-regularised autoencoder (meme/autoencoder.py) whose latent space runs can train in. Its params.yaml key
+    names a latent dataset: a `datasets` entry equal to the source dataset's, whose shard folder the
+    autoencoder@<name> stage fills with the source's shards and this autoencoder."""
+
+    dataset: str  # the image dataset it encodes (one of pipeline.datasets)
+    base_channels: int = bounded(ge=1)  # width of the first level
+    channel_mult: tuple[int, ...]  # level widths / base_channels; f = 2^(levels - 1) per side (f = 4: three levels)
+    num_res_blocks: int = bounded(ge=1)  # residual blocks per level, encoder and decoder
+    z_channels: int = bounded(ge=1)  # latent channels (LDM's f = 4 models: 3)
+    norm_groups: int = bounded(ge=1)  # GroupNorm groups; must divide every level width
+    loss: Literal["l1", "l2"]  # reconstruction loss per pixel
+    kl_weight: float = bounded(ge=0)  # weight of KL(q(z|x) || N(0, I)), a mean per latent element
+    steps: int = bounded(ge=0)  # Adam steps on the train split (0 only with imported weights)
+    batch_size: int = bounded(ge=1)
+    lr: float = bounded(gt=0, le=1)
+    seed: int = bounded(ge=0)  # initial weights, batch order and the posterior noise
+    log_every: int = bounded(ge=1)  # loss terms recorded in autoencoder.json every N steps
+    weights: ImportedWeights | None  # trained weights of this architecture to use instead of training; null: train
+
+    def __post_init__(self) -> None:
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ConfigError(f"channel_mult needs >= 1 level of positive multipliers, got {list(self.channel_mult)}")
+        if self.steps == 0 and self.weights is None:
+            raise ConfigError("steps is 0 and no weights are imported: train (steps >= 1) or give weights")
+
+    @property
+    def factor(self) -> int:
+        """Downsampling factor f per side."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(z_channels, H / f, W / f) of images of side `resolution`."""
+        return self.z_channels, resolution // self.factor, resolution // self.factor
+
+
 Section = Literal["runs", "experts", "ensembles"]
 
 
@@ -170,6 +213,7 @@ class RunConfig:
     sample: SampleConfig
     eval: EvalConfig
     experts: tuple[RunConfig, ...] = ()  # the runs named by model.experts, attached by parse_params
+    autoencoder: AutoencoderConfig | None = None  # set when the dataset is a latent dataset (autoencoders.<dataset>)
 
     @property
     def params_key(self) -> str:
@@ -235,6 +279,7 @@ class Params:
     runs: dict[str, RunConfig]  # `runs`: trained, sampled and evaluated
     experts: dict[str, RunConfig]  # `experts`: MEME experts, only trained
     ensembles: dict[str, RunConfig]  # `ensembles`: MEME multi-expert runs, sampled and evaluated from their experts
+    autoencoders: dict[str, AutoencoderConfig]  # latent dataset -> the autoencoder whose latents it serves
     evaluation: EvaluationConfig
 
     @property
@@ -417,6 +462,28 @@ def attach_experts(runs: dict[str, RunConfig]) -> dict[str, RunConfig]:
     return out
 
 
+def check_latent_dataset(name: str, ae: AutoencoderConfig, datasets: Mapping[str, DatasetConfig],
+                         pipeline: PipelineConfig) -> None:
+    """autoencoders.<name> encodes a dataset that has a shard stage, into a latent dataset `datasets.<name>` equal
+    to it (its shards are copies) that no shard stage writes, at a resolution the autoencoder divides."""
+    key = f"params.yaml: autoencoders.{name}"
+    if ae.dataset not in pipeline.datasets:
+        raise ConfigError(f"{key}.dataset must name one of pipeline.datasets {list(pipeline.datasets)}, got "
+                          f"{ae.dataset!r}")
+    if datasets.get(name) != datasets.get(ae.dataset):
+        raise ConfigError(f"{key}: the latent dataset needs an entry datasets.{name} with the same keys and values "
+                          f"as datasets.{ae.dataset} (a YAML alias does it: `{name}: *<anchor of {ae.dataset}>`)")
+    if name in pipeline.datasets:
+        raise ConfigError(f"{key}: remove {name!r} from pipeline.datasets: autoencoder@{name} writes its shards, "
+                          "not shard@")
+    from meme.autoencoder import check_shapes  # late import: meme imports this module's types
+
+    try:
+        check_shapes(ae, datasets[ae.dataset])
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
 def check_fourier(cfg: FourierConfig, runs: Mapping[str, RunConfig]) -> None:
     """The Fourier analysis hooks U-Net feature maps of images: the runs it names must be MEME-family image runs."""
     for i, name in enumerate(cfg.runs):
@@ -451,7 +518,8 @@ RUN_SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 def parse_run(section: Section, name: str, run_raw: Any, defaults: Mapping[str, Any],
-              datasets: Mapping[str, DatasetConfig], pipeline: PipelineConfig) -> RunConfig:
+              datasets: Mapping[str, DatasetConfig], pipeline: PipelineConfig,
+              autoencoders: Mapping[str, AutoencoderConfig]) -> RunConfig:
     """One run of a section: its own keys deep-merged over `defaults`, typed and checked."""
     key, allowed = f"{section}.{name}", RUN_SECTIONS[section]
     if not isinstance(run_raw, Mapping):
@@ -469,13 +537,14 @@ def parse_run(section: Section, name: str, run_raw: Any, defaults: Mapping[str, 
     if dataset_name not in datasets:
         raise ConfigError(f"params.yaml: {key}.dataset must name one of the datasets {sorted(datasets)}, "
                           f"got {dataset_name!r}")
-    if dataset_name not in pipeline.datasets:
+    if dataset_name not in pipeline.datasets and dataset_name not in autoencoders:
         raise ConfigError(f"params.yaml: {key}.dataset {dataset_name!r} has no shard stage: add it to "
-                          "pipeline.datasets")
+                          "pipeline.datasets (or make it a latent dataset under autoencoders)")
     merged = {k: v for k, v in merged.items() if k != "dataset"}
     run = build_dataclass(RunConfig, merged, key, extra={"name": name, "section": section,
                                                          "dataset_name": dataset_name,
-                                                         "dataset": datasets[dataset_name]})
+                                                         "dataset": datasets[dataset_name],
+                                                         "autoencoder": autoencoders.get(dataset_name)})
     frames = datasets[dataset_name].frames
     if run.diffusion.context_frames and run.diffusion.context_frames >= max(frames, 1):
         what = f"the {frames} frames of its clips" if frames else "images (dataset frames: 0)"
@@ -487,7 +556,7 @@ def parse_run(section: Section, name: str, run_raw: Any, defaults: Mapping[str, 
 
 def parse_params(raw: Mapping[str, Any]) -> Params:
     """Turn the parsed YAML into typed objects, validating everything (including model overrides)."""
-    top = ("pipeline", "datasets", "defaults", *RUN_SECTIONS, "evaluation")
+    top = ("pipeline", "datasets", "autoencoders", "defaults", *RUN_SECTIONS, "evaluation")
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params.yaml must be a mapping with keys {', '.join(top)}")
     unknown = sorted(set(raw) - set(top))
@@ -503,13 +572,17 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
         if name not in datasets:
             raise ConfigError(f"params.yaml: pipeline.datasets[{i}] must name one of the datasets {sorted(datasets)}, "
                               f"got {name!r}")
+    autoencoders = {name: build_dataclass(AutoencoderConfig, a, f"autoencoders.{name}")
+                    for name, a in raw["autoencoders"].items()}
+    for name, ae in autoencoders.items():
+        check_latent_dataset(name, ae, datasets, pipeline)
     runs: dict[str, RunConfig] = {}
     for section in RUN_SECTIONS:
         for name, run_raw in raw[section].items():
             if name in runs:  # outputs/<name>/ and `diffusion.cli train <name>` address a run by its name alone
                 raise ConfigError(f"params.yaml: {section}.{name}: the name is taken by {runs[name].params_key}; "
                                   "run names must be unique across runs, experts and ensembles")
-            runs[name] = parse_run(section, name, run_raw, raw["defaults"], datasets, pipeline)
+            runs[name] = parse_run(section, name, run_raw, raw["defaults"], datasets, pipeline, autoencoders)
     runs = attach_experts(runs)
     from diffusion.registry import resolve_model  # late import: model packages import this module's types
 
@@ -517,13 +590,15 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
         resolve_model(run)  # validates preset names and overrides now, not at train time
     evaluation = build_dataclass(EvaluationConfig, raw["evaluation"], "evaluation")
     for name in evaluation.references:
-        if name not in pipeline.datasets:
+        if name not in pipeline.datasets and name not in autoencoders:
             raise ConfigError(f"params.yaml: evaluation.references.{name} names no dataset of pipeline.datasets "
-                              f"{list(pipeline.datasets)}: add it there or remove the entry")
+                              f"{list(pipeline.datasets)} or latent dataset of autoencoders {sorted(autoencoders)}: "
+                              "add it there or remove the entry")
     if evaluation.fourier is not None:
         check_fourier(evaluation.fourier, runs)
     sections = {section: {n: r for n, r in runs.items() if r.section == section} for section in RUN_SECTIONS}
-    return Params(pipeline=pipeline, datasets=datasets, evaluation=evaluation, **sections)
+    return Params(pipeline=pipeline, datasets=datasets, autoencoders=autoencoders, evaluation=evaluation,
+                  **sections)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

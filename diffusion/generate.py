@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,10 +76,12 @@ def context_clips(run: RunConfig, shard_root: str | Path) -> np.ndarray | None:
 
 
 def generate(run: RunConfig, model: torch.nn.Module, out_dir: Path, d: Dist, fingerprint: str,
-             num_samples: int | None = None, progress: bool = True, context: np.ndarray | None = None) -> Path | None:
+             num_samples: int | None = None, progress: bool = True, context: np.ndarray | None = None,
+             decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Path | None:
     """Write out_dir/chunks/*.npz for this rank, then (rank 0) samples.npz + grid.png. Returns the npz path.
 
     `context` (N, c, H, W, C) uint8 (see `context_clips`): sample i continues context clip i mod N.
+    `decode`: a latent run's autoencoder decoder, latents -> images in [-1, 1] (put its weights in `fingerprint`).
     """
     cfg = resolve_model(run)
     s = run.sample
@@ -106,6 +108,8 @@ def generate(run: RunConfig, model: torch.nn.Module, out_dir: Path, d: Dist, fin
         with autocast(run.train.precision, d.device):
             x = sample(model, shape, seeds, s, run.diffusion.prediction,
                        labels=None if labels is None else labels.to(d.device), device=d.device, context=ctx)
+        if decode is not None:
+            x = decode(x)  # (B, C, H, W), in full precision
         arrays = {"images": to_uint8_nhwc(x)} | ({"labels": labels.numpy()} if labels is not None else {})
         digest = _write_npz_atomic(path, **arrays)
         info = {"seeds": [seeds[0], seeds[-1]], "sha256": digest, "fingerprint": fingerprint}

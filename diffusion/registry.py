@@ -71,10 +71,13 @@ def resolve_model(run: RunConfig) -> typing.Any:
             f"params.yaml: {path}.class_conditional is true but dataset {run.dataset_name!r} has no labels"
         )
     spatial = (ds.frames, ds.resolution, ds.resolution) if ds.frames else (ds.resolution, ds.resolution)
+    channels = ds.channels
+    if run.autoencoder is not None:  # a latent dataset: the model sees the autoencoder's latents
+        channels, *spatial = run.autoencoder.latent_shape(ds.resolution)
     cfg = dataclasses.replace(
         table[run.model.preset],
-        data_shape=spatial,
-        channels=ds.channels,
+        data_shape=tuple(spatial),
+        channels=channels,
         num_classes=ds.num_classes if run.model.class_conditional else 0,
         self_cond=run.train.self_cond_rate > 0,
     )

@@ -67,9 +67,10 @@ def autocast(precision: str, device: torch.device):
     return nullcontext()
 
 
-def training_fingerprint(run: RunConfig) -> str:
+def training_fingerprint(run: RunConfig, first_stage_sha256: str | None = None) -> str:
     """What a checkpoint must agree with to be resumed: model, dataset, objective and every training setting that
-    changes the trajectory (train.steps included: it sets the cosine decay). Logging intervals are left out."""
+    changes the trajectory (train.steps included: it sets the cosine decay), and for a latent run the weights of its
+    autoencoder. Logging intervals are left out."""
     t = asdict(run.train)
     for key in ("log_every", "checkpoint_every", "sample_every", "num_workers"):
         t.pop(key)
@@ -77,6 +78,8 @@ def training_fingerprint(run: RunConfig) -> str:
         t.pop("expert")
     blob = {"model": asdict(resolve_model(run)), "dataset": asdict(run.dataset), "diffusion": asdict(run.diffusion),
             "train": t}
+    if first_stage_sha256 is not None:  # other runs keep the fingerprints they had before latent runs existed
+        blob["first_stage"] = first_stage_sha256
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -131,15 +134,17 @@ def train_step(model: nn.Module, batch: tuple[Tensor, Tensor], noise: NoiseDraw,
 class Trainer:
     """Owns the model, EMA, optimiser and output folder of one run; `fit` trains to run.train.steps."""
 
-    def __init__(self, run: RunConfig, out_dir: Path, d: Dist):
+    def __init__(self, run: RunConfig, out_dir: Path, d: Dist, first_stage=None):
+        """`first_stage`: a latent run's meme.autoencoder.FirstStage; batches are encoded, previews decoded."""
         self.run, self.out, self.d = run, Path(out_dir), d
+        self.first_stage = first_stage
         torch.manual_seed(run.train.seed)  # identical initial weights on every rank
         self.model = build_model(run).to(d.device).train()
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(run.train.ema_decay), use_buffers=True)
         self.optimizer = make_optimizer(self.model, run.train)
         self.ddp = DistributedDataParallel(self.model) if d.enabled else self.model
         self.schedule = Schedule(run.diffusion.train_schedule)
-        self.fingerprint = training_fingerprint(run)
+        self.fingerprint = training_fingerprint(run, first_stage.sha256 if first_stage is not None else None)
         self.draw_t = time_sampler(run)
         self.step = 0
         self.preview_context: Tensor | None = None
@@ -183,6 +188,8 @@ class Trainer:
         t = self.run.train
         lr = self.set_lr()
         batch = source.batch(self.step, self.d.rank, self.d.world_size)
+        if self.first_stage is not None:
+            batch = (self.first_stage.encode(batch[0].to(self.d.device)), batch[1])  # (B, z, H / f, W / f)
         c = self.run.diffusion.context_frames
         if c and self.preview_context is None:  # video prediction previews continue this process's first clips
             self.preview_context = batch[0][:16, :, :c].clone()
@@ -209,6 +216,8 @@ class Trainer:
             x = sample(self.ema.module.eval(), (cfg.channels, *cfg.data_shape), list(range(n)), quick,
                        run.diffusion.prediction, labels=labels, device=self.d.device,
                        context=context[:n] if context is not None else None)
+        if self.first_stage is not None:
+            x = self.first_stage.decode(x)
         if video:
             image = video_grid(to_uint8_nhwc(x), context_frames=run.diffusion.context_frames)
         else:
