@@ -91,7 +91,7 @@ def ablation(
     repo = Path(project).resolve() if project else repo_root()
     raw = read_params(repo)
     combos = expand_grid(grid)
-    base_overrides = scale_overrides(raw, scale, list(raw.get("runs", {})))
+    base_overrides = scale_overrides(raw, scale)
     base = baseline(repo)
     storage = result_storage(repo)
     existing = experiments(repo)

@@ -1,36 +1,38 @@
 """Run scales and params.yaml overrides: `paper` runs params.yaml as it is (a GPU cluster); `smoke` shrinks every
-run, its dataset and reference set to minutes on a CPU. Overrides are dotted params.yaml keys, as in
-`dvc exp run -S runs.rin_fmnist.train.steps=1000`."""
+run, expert and ensemble, their datasets and reference sets to minutes on a CPU. Overrides are dotted params.yaml
+keys, as in `dvc exp run -S runs.rin_fmnist.train.steps=1000`."""
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 Scale = Literal["paper", "smoke"]
 SCALES: tuple[str, ...] = ("paper", "smoke")
 
-# The tiny configuration of every run at smoke scale. Each value is what the key is set to; one place, no defaults
-# repeated: anything not named here keeps its params.yaml value.
+# The tiny configuration of every run, expert and ensemble at smoke scale. Each value is what the key is set to; one
+# place, no defaults repeated: anything not named here keeps its params.yaml value.
+RUN_SECTIONS = ("runs", "experts", "ensembles")  # params.yaml sections whose entries the report stage reads
 SMOKE_DATASET = {"max_samples": 256, "shard_size": 128}  # per split, after the seeded shuffle; two shards a split
 SMOKE_TINY_PRESET = {("rin", False): "rin_tiny", ("rin", True): "rin_tiny_video"}  # (family, video) -> preset;
-# families without an entry keep their preset and are only trained, sampled and evaluated less
-SMOKE_RUN = {
-    "train.steps": 40,
+# other families keep their (CPU-sized) presets and are only trained, sampled and evaluated less
+SMOKE_TRAIN = {  # runs and experts (ensembles train nothing)
+    "train.steps": 20,
     "train.batch_size": 16,
-    "train.warmup_steps": 4,
+    "train.warmup_steps": 2,
     "train.log_every": 5,
     "train.checkpoint_every": 10,
     "train.sample_every": 0,
     "train.data": "memory",
-    "sample.steps": 10,
 }
+SMOKE_AUTOENCODER = {"steps": 20, "batch_size": 16, "log_every": 5}  # autoencoders that train (steps > 0)
+SMOKE_SAMPLE_STEPS = 10  # runs and ensembles (experts are sampled only through their ensemble)
 # Samples per run = reference images per dataset: 64 images (Inception, ~10 s on 2 cores) or 16 clips (I3D, ~55
 # GFLOP a clip). Fewer than the feature size: a singular covariance, which evaluate reports as exact SVD FID / FVD.
 SMOKE_SAMPLES = {False: 64, True: 16}
+SMOKE_FOURIER_IMAGES = 16
 SMOKE_LABEL = "smoke test"  # what the report's "our setting" says about a smoke-scale row
 
 
@@ -44,35 +46,45 @@ def table_runs(raw: Mapping[str, Any], table: str) -> list[str]:
     return [name for name in raw.get("runs", {}) if (report.get(name) or {}).get("table") == table]
 
 
-def smoke_overrides(raw: Mapping[str, Any], runs: Iterable[str]) -> dict[str, Any]:
-    """Dotted overrides that shrink `runs`, their datasets and the datasets' reference sets to smoke scale."""
+def smoke_overrides(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted overrides that shrink every run, expert and ensemble (the report stage reads them all), their datasets,
+    reference sets and autoencoders to smoke scale."""
     out: dict[str, Any] = {}
-    references = raw.get("evaluation", {}).get("references", {}) or {}
-    for name in runs:
-        if name not in raw.get("runs", {}):
-            raise OverrideError(f"params.yaml: no run named {name!r}; runs are {sorted(raw.get('runs', {}))}")
-        run = raw["runs"][name]
-        dataset = run.get("dataset")
-        video = bool(raw.get("datasets", {}).get(dataset, {}).get("frames"))
-        family = (run.get("model") or {}).get("family") or raw["defaults"]["model"]["family"]
-        if (family, video) in SMOKE_TINY_PRESET:
-            out[f"runs.{name}.model.preset"] = SMOKE_TINY_PRESET[family, video]
-        n = SMOKE_SAMPLES[video]
-        out |= {f"runs.{name}.{key}": value for key, value in SMOKE_RUN.items()}
-        out |= {f"runs.{name}.sample.num_samples": n, f"runs.{name}.sample.batch_size": n,
-                f"runs.{name}.eval.num_reference": n}  # fmt: skip
-        out |= {f"datasets.{dataset}.{key}": value for key, value in SMOKE_DATASET.items()}
-        if dataset in references:
-            out[f"evaluation.references.{dataset}.num_images"] = n
-        if name in (raw.get("evaluation", {}).get("report") or {}):
-            out[f"evaluation.report.{name}.scale"] = SMOKE_LABEL
+    datasets = raw.get("datasets") or {}
+    references = (raw.get("evaluation") or {}).get("references") or {}
+    report = (raw.get("evaluation") or {}).get("report") or {}
+    for section in RUN_SECTIONS:
+        for name, entry in (raw.get(section) or {}).items():
+            key, dataset = f"{section}.{name}", entry.get("dataset")
+            video = bool((datasets.get(dataset) or {}).get("frames"))
+            family = (entry.get("model") or {}).get("family") or raw["defaults"]["model"]["family"]
+            if section != "ensembles":
+                out |= {f"{key}.{k}": v for k, v in SMOKE_TRAIN.items()}
+                if (family, video) in SMOKE_TINY_PRESET:
+                    out[f"{key}.model.preset"] = SMOKE_TINY_PRESET[family, video]
+            if section != "experts":
+                n = SMOKE_SAMPLES[video]
+                out |= {f"{key}.sample.steps": SMOKE_SAMPLE_STEPS, f"{key}.sample.num_samples": n,
+                        f"{key}.sample.batch_size": n, f"{key}.eval.num_reference": n}  # fmt: skip
+                if dataset in references:
+                    out[f"evaluation.references.{dataset}.num_images"] = n
+            if name in report:
+                out[f"evaluation.report.{name}.scale"] = SMOKE_LABEL
+            out |= {f"datasets.{dataset}.{k}": v for k, v in SMOKE_DATASET.items() if dataset in datasets}
+    for name, autoencoder in (raw.get("autoencoders") or {}).items():
+        if autoencoder.get("steps"):
+            out |= {f"autoencoders.{name}.{k}": v for k, v in SMOKE_AUTOENCODER.items()}
+        for dataset in (autoencoder.get("dataset"), name):
+            out |= {f"datasets.{dataset}.{k}": v for k, v in SMOKE_DATASET.items() if dataset in datasets}
+    if "fourier" in (raw.get("evaluation") or {}):
+        out["evaluation.fourier.num_images"] = SMOKE_FOURIER_IMAGES
     return out
 
 
-def scale_overrides(raw: Mapping[str, Any], scale: str, runs: Iterable[str]) -> dict[str, Any]:
+def scale_overrides(raw: Mapping[str, Any], scale: str) -> dict[str, Any]:
     if scale not in SCALES:
         raise OverrideError(f"scale must be one of {list(SCALES)}, got {scale!r}")
-    return smoke_overrides(raw, runs) if scale == "smoke" else {}
+    return smoke_overrides(raw) if scale == "smoke" else {}
 
 
 def absolute_roots(raw: Mapping[str, Any], repo: Path) -> dict[str, Any]:
@@ -85,8 +97,9 @@ def absolute_roots(raw: Mapping[str, Any], repo: Path) -> dict[str, Any]:
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy of `raw` with each dotted key set; missing mappings on the way are created."""
-    out = copy.deepcopy(dict(raw))
+    """A copy of `raw` with each dotted key set; missing mappings on the way are created. The copy shares nothing,
+    not even what YAML anchors made one object in `raw`, so a key set under one run changes no other."""
+    out = _unshared(raw)
     for dotted, value in overrides.items():
         keys = dotted.split(".")
         if not all(keys):
@@ -100,8 +113,16 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
                     f"{type(child).__name__} {child!r}, not a mapping"
                 )
             node = child
-        node[keys[-1]] = copy.deepcopy(value)
+        node[keys[-1]] = _unshared(value)
     return out
+
+
+def _unshared(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _unshared(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_unshared(v) for v in obj]
+    return obj
 
 
 def set_args(overrides: Mapping[str, Any]) -> list[str]:

@@ -32,7 +32,7 @@ def run_table(
     if not runs:
         raise ValueError(f"{repo}/params.yaml: no run has evaluation.report.<run>.table = {table}; add one")
     extra = dict(overrides or {})
-    all_overrides = scale_overrides(raw, scale, list(raw["runs"])) | extra  # the report stage reads every run
+    all_overrides = scale_overrides(raw, scale) | extra
     storage = result_storage(repo)
     if all_overrides:
         name = workspace_name(scale, extra)
