@@ -240,3 +240,15 @@ def toy_project(tmp_path: os.PathLike[str]) -> os.PathLike[str]:
     ):
         subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread (two threads spin against each other, and against other jobs, on 2 cores).
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")` (tests/conftest.py serves it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

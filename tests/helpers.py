@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from diffusion.config import SampleConfig, ScheduleConfig
@@ -21,3 +22,18 @@ def tiny_rin(**kw) -> RIN:
 
 def tiny_config(**kw) -> RINConfig:
     return dataclasses.replace(PRESETS["rin_tiny"], **kw)
+
+
+def with_key(raw: dict, path: str, value, delete: bool = False) -> dict:
+    """A deep copy of a params dict with the dotted `path` set to `value` (or deleted); missing parents are made."""
+    out = copy.deepcopy(raw)
+    node = out
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    if delete:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    return out
+

@@ -1,12 +1,12 @@
 """params.yaml loading: the shipped file is valid; bad input is rejected with the key path named."""
 
-import copy
 
 import pytest
 import yaml
 
 from diffusion.config import ConfigError, load_params, parse_params
 from diffusion.registry import resolve_model
+from tests.helpers import with_key
 
 
 @pytest.fixture(scope="module")
@@ -15,17 +15,6 @@ def raw():
         return yaml.safe_load(fh)
 
 
-def _with(raw, path: str, value, delete: bool = False):
-    out = copy.deepcopy(raw)
-    node = out
-    keys = path.split(".")
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-    if delete:
-        del node[keys[-1]]
-    else:
-        node[keys[-1]] = value
-    return out
 
 
 def test_shipped_params_load():
@@ -37,7 +26,7 @@ def test_shipped_params_load():
 
 
 def test_run_overrides_merge_over_defaults(raw):
-    params = parse_params(_with(raw, "runs.rin_fmnist.train.lr", 0.5))
+    params = parse_params(with_key(raw, "runs.rin_fmnist.train.lr", 0.5))
     assert params.run("rin_fmnist").train.lr == 0.5
     assert params.run("rin_fmnist").train.beta2 == raw["defaults"]["train"]["beta2"]
 
@@ -65,30 +54,30 @@ def test_run_overrides_merge_over_defaults(raw):
 )
 def test_bad_values_name_the_key(raw, path, value, message):
     with pytest.raises(ConfigError, match=message):
-        parse_params(_with(raw, path, value))
+        parse_params(with_key(raw, path, value))
 
 
 def test_missing_key_is_named(raw):
     with pytest.raises(ConfigError, match=r"missing key runs\.rin_fmnist\.train\.grad_clip"):
-        parse_params(_with(raw, "defaults.train.grad_clip", None, delete=True))
+        parse_params(with_key(raw, "defaults.train.grad_clip", None, delete=True))
     with pytest.raises(ConfigError, match=r"missing key datasets\.fashion_mnist\.root"):
-        parse_params(_with(raw, "datasets.fashion_mnist.root", None, delete=True))
+        parse_params(with_key(raw, "datasets.fashion_mnist.root", None, delete=True))
 
 
 def test_pipeline_and_run_sections(raw):
     with pytest.raises(ConfigError, match=r"missing key runs\.rin_fmnist\.eval \(write `eval: \{\}`"):
-        parse_params(_with(raw, "runs.rin_fmnist.eval", None, delete=True))
+        parse_params(with_key(raw, "runs.rin_fmnist.eval", None, delete=True))
     with pytest.raises(ConfigError, match=r"pipeline\.datasets\[0\] must name one of the datasets"):
-        parse_params(_with(raw, "pipeline.datasets", ["fashion"]))
+        parse_params(with_key(raw, "pipeline.datasets", ["fashion"]))
     with pytest.raises(ConfigError, match=r"'fashion_mnist' has no shard stage: add it to pipeline\.datasets"):
-        parse_params(_with(raw, "pipeline.datasets", ["mnist"]))
+        parse_params(with_key(raw, "pipeline.datasets", ["mnist"]))
 
 
 def test_unknown_top_level_and_run_section(raw):
     with pytest.raises(ConfigError, match="unknown top-level key trainer"):
         parse_params(raw | {"trainer": {}})
     with pytest.raises(ConfigError, match=r"unknown key runs\.rin_fmnist\.optim"):
-        parse_params(_with(raw, "runs.rin_fmnist.optim", {}))
+        parse_params(with_key(raw, "runs.rin_fmnist.optim", {}))
 
 
 def test_configs_are_frozen():

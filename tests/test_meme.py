@@ -1,7 +1,6 @@
 """MEME: iFormer channel bookkeeping, U-Net / iU-Net presets, interval routing, soft assignment, multi-expert
 sampling and training through the engine (config, Trainer, CLI, generate)."""
 
-import copy
 import dataclasses
 import math
 
@@ -21,20 +20,15 @@ from meme.iformer import IFormerBlock, InceptionMixer, LowMixer, split_channels
 from meme.presets import PRESETS
 from meme.unet import UNet
 from tests.fixtures import make_idx_dataset
-from tests.helpers import sample_config
+from tests.helpers import sample_config, with_key
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COSINE = ScheduleConfig("cosine", 0.0, 1.0, 1.0)
 SIGMOID = ScheduleConfig("sigmoid", -3.0, 3.0, 0.9)
 LINEAR = ScheduleConfig("linear", 0.0, 1.0, 1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (two threads spin against each other, and against other jobs, on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -308,14 +302,6 @@ def tiny_meme_params(tmp_path, p=(0.8, 0.4)) -> dict:
     return raw
 
 
-def _with(raw, path, value):
-    out = copy.deepcopy(raw)
-    node = out
-    keys = path.split(".")
-    for k in keys[:-1]:
-        node = node[k]
-    node[keys[-1]] = value
-    return out
 
 
 @pytest.mark.parametrize(
@@ -356,7 +342,7 @@ def _with(raw, path, value):
 def test_expert_config_errors_name_the_key(tmp_path, path, value, message):
     raw = tiny_meme_params(tmp_path)
     with pytest.raises(ConfigError, match=message):
-        parse_params(_with(raw, path, value))
+        parse_params(with_key(raw, path, value))
 
 
 def test_expert_runs_resolve_and_fingerprint_their_assignment(tmp_path):

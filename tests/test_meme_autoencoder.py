@@ -20,6 +20,9 @@ from diffusion.registry import resolve_model
 from diffusion.train import training_fingerprint
 from meme.autoencoder import Autoencoder, autoencoder_loss, latent_scale, reconstruction_error, train_autoencoder
 from tests.fixtures import make_idx_dataset
+from tests.helpers import with_key
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="fashion_mnist", base_channels=8, channel_mult=[1, 2, 2], num_res_blocks=1, z_channels=3,
@@ -27,12 +30,6 @@ TINY = dict(dataset="fashion_mnist", base_channels=8, channel_mult=[1, 2, 2], nu
             weights=None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_cfg(**kw) -> AutoencoderConfig:
@@ -123,17 +120,6 @@ def test_a_run_on_a_latent_dataset_models_its_latents(tmp_path):
     assert parse_params(copy.deepcopy(latent_params(tmp_path))).run("latent").autoencoder is not None
 
 
-def _with(raw: dict, path: str, value, delete: bool = False) -> dict:
-    out = copy.deepcopy(raw)
-    node = out
-    keys = path.split(".")
-    for k in keys[:-1]:
-        node = node[k]
-    if delete:
-        del node[keys[-1]]
-    else:
-        node[keys[-1]] = value
-    return out
 
 
 @pytest.mark.parametrize("path,value,message", [
@@ -152,7 +138,7 @@ def _with(raw: dict, path: str, value, delete: bool = False) -> dict:
 ])
 def test_latent_dataset_errors_name_the_key(tmp_path, path, value, message):
     with pytest.raises(ConfigError, match=message):
-        parse_params(_with(latent_params(tmp_path), path, value))
+        parse_params(with_key(latent_params(tmp_path), path, value))
 
 
 def test_graph_builds_the_latent_dataset_before_its_runs(tmp_path):
@@ -202,7 +188,7 @@ def test_tiny_latent_run_trains_samples_and_decodes(tmp_path):
     with np.load(out / "samples" / "samples.npz") as z:
         assert z["arr_0"].shape == (5, 32, 32, 1) and z["arr_0"].dtype == np.uint8  # decoded to the dataset's images
     num_params, gflops = model_cost(params.run("latent"))  # the denoiser on 3x8x8 latents
-    assert 0 < gflops < model_cost(parse_params(_with(raw, "runs.latent.dataset", "fashion_mnist")).run("latent"))[1]
+    assert 0 < gflops < model_cost(parse_params(with_key(raw, "runs.latent.dataset", "fashion_mnist")).run("latent"))[1]
     (latent / "autoencoder.safetensors").unlink()
     assert cli.main([*base, *sample]) == 2  # a latent run cannot sample without its autoencoder
 

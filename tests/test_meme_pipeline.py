@@ -3,7 +3,6 @@ graph that dvc.yaml renders from them, the Fourier analysis of feature maps, and
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -21,19 +20,15 @@ from diffusion.schedules import Schedule
 from meme.experts import MultiExpert
 from meme.presets import PRESETS
 from meme.unet import UNet
+from tests.helpers import with_key
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 ENSEMBLES = ("multi_unet_fmnist", "meme_fmnist")  # the MEME table's multi-expert rows, beside the unet_fmnist baseline
 COSINE = ScheduleConfig("cosine", 0.0, 1.0, 1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (two spin against each other, and against other jobs, on 2 cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +36,6 @@ def raw() -> dict:
     return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def _with(raw: dict, path: str, value, delete: bool = False) -> dict:
-    out = copy.deepcopy(raw)
-    node = out
-    keys = path.split(".")
-    for k in keys[:-1]:
-        node = node[k]
-    if delete:
-        del node[keys[-1]]
-    else:
-        node[keys[-1]] = value
-    return out
 
 
 # --- params.yaml ---------------------------------------------------------------------------------------------------
@@ -117,20 +101,20 @@ def test_every_expert_belongs_to_one_ensemble():
 )
 def test_sections_are_checked_with_the_key_path(raw, path, value, message):
     with pytest.raises(ConfigError, match=message):
-        parse_params(_with(raw, path, value))
+        parse_params(with_key(raw, path, value))
 
 
 def test_names_are_unique_across_sections_and_sections_are_required(raw):
-    clash = _with(raw, "experts.unet_fmnist", raw["experts"]["meme_fmnist_e1"])
+    clash = with_key(raw, "experts.unet_fmnist", raw["experts"]["meme_fmnist_e1"])
     with pytest.raises(ConfigError, match=r"experts\.unet_fmnist: the name is taken by runs\.unet_fmnist"):
         parse_params(clash)
     with pytest.raises(ConfigError, match=r"missing key ensembles\.meme_fmnist\.sample \(write `sample: \{\}`"):
-        parse_params(_with(raw, "ensembles.meme_fmnist.sample", None, delete=True))
+        parse_params(with_key(raw, "ensembles.meme_fmnist.sample", None, delete=True))
     with pytest.raises(ConfigError, match=r"missing or malformed top-level section 'experts'"):
-        parse_params(_with(raw, "experts", None, delete=True))
+        parse_params(with_key(raw, "experts", None, delete=True))
     with pytest.raises(ConfigError, match=r"missing key runs\.rin_fmnist\.model\.experts"):  # every default visible
-        parse_params(_with(raw, "defaults.model.experts", None, delete=True))
-    no_meme = _with(_with(_with(raw, "experts", {}), "ensembles", {}), "evaluation.fourier.runs", [])
+        parse_params(with_key(raw, "defaults.model.experts", None, delete=True))
+    no_meme = with_key(with_key(with_key(raw, "experts", {}), "ensembles", {}), "evaluation.fourier.runs", [])
     params = parse_params(no_meme)  # a pipeline without MEME is fine
     assert list(params.runs) == list(raw["runs"]) and not params.experts and not params.ensembles
 
