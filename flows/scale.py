@@ -62,6 +62,7 @@ def smoke_overrides(raw: Mapping[str, Any]) -> dict[str, Any]:
                 out |= {f"{key}.{k}": v for k, v in SMOKE_TRAIN.items()}
                 if (family, video) in SMOKE_TINY_PRESET:
                     out[f"{key}.model.preset"] = SMOKE_TINY_PRESET[family, video]
+                    out[f"{key}.model.overrides"] = {}  # widths written for the full preset would undo the shrink
             if section != "experts":
                 n = SMOKE_SAMPLES[video]
                 out |= {f"{key}.sample.steps": SMOKE_SAMPLE_STEPS, f"{key}.sample.num_samples": n,

@@ -72,7 +72,7 @@ def test_smoke_overrides_give_a_valid_tiny_configuration():
     for name, run in smoke.runs.items():
         full, video = paper.runs[name], run.dataset.frames > 0
         if run.model.family == "rin":
-            assert run.model.preset == ("rin_tiny_video" if video else "rin_tiny")
+            assert run.model.preset == ("rin_tiny_video" if video else "rin_tiny") and not run.model.overrides
         assert run.sample.num_samples <= 64 and 0 < run.dataset.max_samples <= 512
         assert run.train.steps <= 40 or run.model.experts  # ensembles train nothing
         assert run.eval.num_reference <= smoke.evaluation.references[run.dataset_name].num_images
