@@ -57,7 +57,7 @@ class TrainResult:
     steps: int
     resumed_from: int
     final_loss: float  # mean of the last `log_every` losses
-    images_per_s: float  # global throughput of this process's session
+    images_per_s: float  # global throughput over all sessions of this run (a resumed run counts its earlier ones)
     history: list[dict]
 
 
@@ -147,6 +147,8 @@ class Trainer:
         self.fingerprint = training_fingerprint(run, first_stage.sha256 if first_stage is not None else None)
         self.draw_t = time_sampler(run)
         self.step = 0
+        self.history: list[dict] = []  # logged rows of every session, carried in the checkpoints
+        self.train_seconds = 0.0  # training time of earlier sessions, carried in the checkpoints
         self.preview_context: Tensor | None = None
 
     @property
@@ -170,13 +172,16 @@ class Trainer:
             return 0
         checkpoint.load(path, self.model, self.ema, self.optimizer)
         self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         log.info("%s: resumed from %s", self.run.name, path)
         return self.step
 
-    def save(self) -> None:
+    def save(self, session_seconds: float = 0.0) -> None:
         if self.d.is_main:
             checkpoint.save(self.ckpt_dir, self.step, self.model, self.ema, self.optimizer,
-                            extra={"run": self.run.name, "fingerprint": self.fingerprint})
+                            extra={"run": self.run.name, "fingerprint": self.fingerprint, "history": self.history,
+                                   "train_seconds": self.train_seconds + session_seconds})
 
     def set_lr(self) -> float:
         lr = self.run.train.lr * lr_factor(self.step, self.run.train)
@@ -227,7 +232,7 @@ class Trainer:
     def fit(self, source: BatchSource, live=None) -> TrainResult:
         t = self.run.train
         start_step = self.resume()
-        history, window = [], []
+        history, window = self.history, []
         t0, bar = time.perf_counter(), None
         if self.d.is_main:
             bar = tqdm(total=t.steps, initial=start_step, desc=f"train {self.run.name}", mininterval=2.0)
@@ -247,15 +252,15 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
             if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                self.save()
+                self.save(time.perf_counter() - t0)
             if live is not None and t.sample_every and self.step % t.sample_every == 0:
                 live.log_image(f"preview/step-{self.step:08d}.png", self.preview())
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        elapsed = time.perf_counter() - t0
-        ips = (t.steps - start_step) * t.batch_size / elapsed if elapsed > 0 else 0.0
+        elapsed = self.train_seconds + time.perf_counter() - t0
+        ips = t.steps * t.batch_size / elapsed if elapsed > 0 else 0.0
         final = history[-1]["loss"] if history else float("nan")
         return TrainResult(t.steps, start_step, final, ips, history)
 
