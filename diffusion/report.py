@@ -317,16 +317,20 @@ def plot_loss(results: Sequence[RunResult], path: Path) -> list[str]:
     drawn = [r for r in results if r.history and _batch_size(r)]
     if not drawn:
         return []
+    from matplotlib import colormaps
+
+    colors = colormaps["tab20"].colors  # 20 distinct colours: the default cycle repeats after 10 runs
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
-    for res in drawn:
+    for i, res in enumerate(drawn):
         batch = _batch_size(res) or 0
-        ax.plot([row["step"] * batch for row in res.history], [row["loss"] for row in res.history], label=res.name)
+        ax.plot([row["step"] * batch for row in res.history], [row["loss"] for row in res.history], label=res.name,
+                color=colors[i % len(colors)])
     ax.set_xlabel("images seen")
     ax.set_ylabel("training loss (mean over each log window)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small", ncols=2 if len(drawn) > 6 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     return [r.name for r in drawn]
