@@ -58,7 +58,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from diffusion import distributed
     from diffusion.sources import training_source
-    from diffusion.train import Trainer
+    from diffusion.train import Trainer, align_live
 
     run = load_params(args.params).run(args.run)
     if run.experts:
@@ -69,10 +69,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     shards = args.shards or f"data/shards/{run.dataset_name}"
     source = training_source(run, shards, d.rank, d.world_size)
     trainer = Trainer(run, out, d, _first_stage(run, shards, d.device))
+    start = trainer.resume()
     live = None
     if d.is_main:
         from dvclive import Live
 
+        align_live(out / "live", start)
         live = Live(dir=str(out / "live"), resume=True, save_dvc_exp=False, dvcyaml=False)
     try:
         result = trainer.fit(source, live=live)

@@ -150,6 +150,7 @@ class Trainer:
         self.history: list[dict] = []  # logged rows of every session, carried in the checkpoints
         self.train_seconds = 0.0  # training time of earlier sessions, carried in the checkpoints
         self.preview_context: Tensor | None = None
+        self.resumed_from: int | None = None  # set by the first `resume`
 
     @property
     def ckpt_dir(self) -> Path:
@@ -157,7 +158,13 @@ class Trainer:
 
     def resume(self) -> int:
         """Continue from the newest checkpoint written for this exact configuration. Checkpoints of another
-        configuration (an edited params.yaml) are moved aside, never deleted, and training starts over."""
+        configuration (an edited params.yaml) are moved aside, never deleted, and training starts over. Idempotent:
+        a second call returns the first call's step."""
+        if self.resumed_from is None:
+            self.resumed_from = self._resume()
+        return self.resumed_from
+
+    def _resume(self) -> int:
         path = checkpoint.latest(self.ckpt_dir)
         if path is None:
             return 0
@@ -275,6 +282,26 @@ class Trainer:
         summary = {"steps": result.steps, "final_loss": result.final_loss, "images_per_s": result.images_per_s,
                    "images_seen": result.steps * self.run.train.batch_size}
         write_text_atomic(self.out / "metrics.json", json.dumps(summary, indent=1))
+
+
+def align_live(live_dir: Path, step: int) -> None:
+    """Make a dvclive folder agree with a run that continues from `step`: rows logged after it (by a session killed
+    before its next checkpoint) are dropped from the metric files, and a run that starts over (step 0) moves the old
+    folder aside to live.stale-<time>, so its curves do not run into the new ones. Call on the main rank, before
+    `dvclive.Live(dir=live_dir, resume=True)`."""
+    if not live_dir.exists():
+        return
+    if step == 0:
+        aside = live_dir.with_name(f"{live_dir.name}.stale-{int(time.time())}")
+        live_dir.rename(aside)
+        log.warning("%s: metrics of an earlier run that does not continue here moved to %s", live_dir, aside)
+        return
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        header, *rows = tsv.read_text().splitlines()
+        col = header.split("\t").index("step")
+        kept = [r for r in rows if int(r.split("\t")[col]) <= step]
+        if len(kept) < len(rows):
+            write_text_atomic(tsv, "\n".join([header, *kept]) + "\n")
 
 
 def save_weights(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -66,6 +66,13 @@ def run_ok(cmd: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+def live_steps(folder: Path, live: str = "live") -> list[int]:
+    """The steps of the loss rows dvclive wrote for a training run."""
+    rows = (folder / live / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    col = rows[0].split("\t").index("step")
+    return [int(r.split("\t")[col]) for r in rows[1:]]
+
+
 def weights(folder: Path, name: str = "model") -> dict:
     return load_file(str(folder / f"{name}.safetensors"))
 
@@ -104,6 +111,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, shards):
     # the loss curve of every session is kept: the resumed run logs the same rows as the uninterrupted one
     straight = yaml.safe_load((tmp_path / "straight" / "train_log.json").read_text())
     assert [(r["step"], r["loss"]) for r in log["history"]] == [(r["step"], r["loss"]) for r in straight["history"]]
+    # ...and so does its dvclive curve: rows the killed session logged after its last checkpoint are not doubled
+    assert live_steps(out) == live_steps(tmp_path / "straight") == list(range(2, 65, 2))
 
 
 def test_sample_sets_identical_for_one_and_two_processes(tmp_path, shards):
@@ -133,6 +142,9 @@ def test_changed_config_starts_over_and_keeps_old_checkpoints(tmp_path, shards):
     assert log["resumed_from"] == 0
     stale = list(tmp_path.glob("run/checkpoints.stale-*"))
     assert len(stale) == 1 and (stale[0] / "latest").exists()
+    old_live = list(tmp_path.glob("run/live.stale-*"))  # the old run's curves are kept aside, not run into the new
+    assert len(old_live) == 1 and live_steps(old_live[0].parent, old_live[0].name) == [2, 4]
+    assert live_steps(out) == [2, 4]
     before = json.loads((out / "metrics.json").read_text())
     run_ok(train_cmd(tiny_params(tmp_path, steps=4, lr=5e-4, log_every=1), out, shards))  # logging only: resumes
     assert yaml.safe_load((out / "train_log.json").read_text())["resumed_from"] == 4

@@ -165,3 +165,17 @@ def test_ema_warms_up_then_tracks_with_its_decay():
     for k in range(n - 200, n):
         expected *= min(0.99, (1 + k) / (10 + k))
     assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_live_metrics_are_trimmed_to_the_checkpoint_or_moved_aside(tmp_path):
+    from diffusion.train import align_live
+
+    tsv = tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("timestamp\tstep\tloss\n" + "".join(f"{100 + s}\t{s}\t0.{s}\n" for s in (2, 4, 6, 8, 10, 12)))
+    align_live(tmp_path / "live", 8)  # a session killed at step 12 resumes from its checkpoint at 8
+    assert [r.split("\t")[1] for r in tsv.read_text().splitlines()[1:]] == ["2", "4", "6", "8"]
+    align_live(tmp_path / "live", 0)  # a run that starts over keeps the old curves aside
+    assert not (tmp_path / "live").exists()
+    [aside] = tmp_path.glob("live.stale-*")
+    assert (aside / "plots" / "metrics" / "train" / "loss.tsv").read_text().count("\n") == 5
