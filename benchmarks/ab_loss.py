@@ -1,5 +1,5 @@
-"""Paired A/B of a run's variants at equal training steps: per-noise-level test loss after the same data order,
-noise draws and initial seed, so the difference between arms is the change and not the luck of the draw.
+"""Paired A/B of a run's variants: per-noise-level test loss after the same data order, noise draws and initial
+seed, so the difference between arms is the change and not the luck of the draw.
 
 Each arm is the run from params.yaml with dotted overrides of its section; train.steps is --steps unless the arm
 sets it (to compare at equal training time rather than equal steps), and each arm completes its own LR schedule.
@@ -18,6 +18,7 @@ Needs data/shards/<dataset> (`dvc repro shard@<dataset>`).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import tempfile
@@ -41,7 +42,10 @@ def _split_top(text: str) -> list[str]:
     """Split on commas outside brackets, so list values stay whole: 'a=[2,2],b=1' -> ['a=[2,2]', 'b=1']."""
     parts, depth, cur = [], 0, ""
     for ch in text:
-        depth += ch in "[{" and 1 or (ch in "]}" and -1 or 0)
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
         if ch == "," and depth == 0:
             parts.append(cur)
             cur = ""
@@ -81,7 +85,7 @@ def arm_run(raw: dict, run_name: str, over: dict, steps: int):
     section = next((s for s in ("runs", "experts") if run_name in raw.get(s, {})), None)
     if section is None:
         raise SystemExit(f"params.yaml has no run {run_name!r}")
-    raw = json.loads(json.dumps(raw))  # a deep copy
+    raw = copy.deepcopy(raw)
     steps = over.get("train", {}).get("steps", steps)  # an arm may set its own, e.g. for equal training time
     over = deep_merge(over, {"train": {"steps": steps, "checkpoint_every": steps, "sample_every": 0}})
     raw[section][run_name] = deep_merge(raw[section][run_name], over)
@@ -122,14 +126,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     raw = yaml.safe_load(Path(args.params).read_text())
     arms = [parse_arm(a) for a in args.arm]
-    results = []
+    results, test_images = [], {}  # test images per shard folder, loaded once
     for name, over in arms:
         run = arm_run(raw, args.run, over, args.steps)
         if run.model.class_conditional or run.diffusion.context_frames or run.train.expert is not None:
             raise SystemExit(f"{args.run}: only unconditional image runs are supported here")
         shards = args.shards or f"data/shards/{run.dataset_name}"
-        test = torch.from_numpy(load_split_uint8(run, shards, "test")[0][: args.images]).movedim(-1, 1)
-        x0 = test.float() / 127.5 - 1.0
+        if shards not in test_images:
+            test = torch.from_numpy(load_split_uint8(run, shards, "test")[0][: args.images]).movedim(-1, 1)
+            test_images[shards] = test.float() / 127.5 - 1.0
+        x0 = test_images[shards]
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(run, Path(tmp), CPU)
             start = time.perf_counter()
@@ -137,8 +143,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             losses = test_loss(trainer.ema.module.eval(), run, x0, GAMMAS)
         row = {"arm": name, "overrides": over, "steps": run.train.steps, "final_train_loss": result.final_loss,
-               "train_seconds": seconds,
-               "images_per_s": result.images_per_s, "test_loss": losses,
+               "train_seconds": seconds, "images_per_s": result.images_per_s, "test_loss": losses,
                "test_loss_mean": sum(losses.values()) / len(losses),
                "params": sum(q.numel() for q in trainer.model.parameters())}
         results.append(row)
