@@ -1,8 +1,8 @@
 """Paired A/B of a run's variants: per-noise-level test loss after the same data order, noise draws and initial
 seed, so the difference between arms is the change and not the luck of the draw.
 
-Each arm is the run from params.yaml with dotted overrides of its section; train.steps is --steps unless the arm
-sets it (to compare at equal training time rather than equal steps), and each arm completes its own LR schedule.
+Each arm is the run from params.yaml with dotted overrides of its section (model.overrides.* keys add to the run's
+own model overrides); train.steps is --steps unless the arm sets it (to compare at equal training time rather than equal steps), and each arm completes its own LR schedule.
 After training, the EMA weights are scored on the first --images test images at fixed noise levels gamma with one
 fixed eps per image: the mean squared error in the run's prediction space (v, eps or x0), one pass with no
 self-conditioning state. Lower is better; it is a proxy for sample quality, not FID.
@@ -86,6 +86,9 @@ def arm_run(raw: dict, run_name: str, over: dict, steps: int):
     if section is None:
         raise SystemExit(f"params.yaml has no run {run_name!r}")
     raw = copy.deepcopy(raw)
+    run_over = raw[section][run_name].get("model", {}).get("overrides") or {}
+    if "overrides" in over.get("model", {}):  # an arm adds to the run's model overrides (params.yaml replaces them)
+        over = deep_merge(over, {"model": {"overrides": run_over | over["model"]["overrides"]}})
     steps = over.get("train", {}).get("steps", steps)  # an arm may set its own, e.g. for equal training time
     over = deep_merge(over, {"train": {"steps": steps, "checkpoint_every": steps, "sample_every": 0}})
     raw[section][run_name] = deep_merge(raw[section][run_name], over)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.ab_loss import parse_arm
+from benchmarks.ab_loss import arm_run, parse_arm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +21,15 @@ def test_arms_parse_dotted_overrides_with_list_values():
     assert over == {"model": {"overrides": {"patch": [2, 2]}}, "train": {"steps": 750, "lr": 1e-3}}
     with pytest.raises(SystemExit, match="not key=value"):
         parse_arm("bad=train.lr")
+
+
+def test_an_arm_adds_to_the_runs_model_overrides():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    base = arm_run(raw, "rin_fmnist", {}, 10)
+    _, over = parse_arm("lat=model.overrides.num_latents=64")
+    arm = arm_run(raw, "rin_fmnist", over, 10)
+    assert base.model.overrides["interface_dim"] == 192  # the run's own override ...
+    assert arm.model.overrides == base.model.overrides | {"num_latents": 64}  # ... is kept beside the arm's
 
 
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="needs Fashion-MNIST")
