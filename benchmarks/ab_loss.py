@@ -2,10 +2,11 @@
 seed, so the difference between arms is the change and not the luck of the draw.
 
 Each arm is the run from params.yaml with dotted overrides of its section (model.overrides.* keys add to the run's
-own model overrides); train.steps is --steps unless the arm sets it (to compare at equal training time rather than equal steps), and each arm completes its own LR schedule.
-After training, the EMA weights are scored on the first --images test images at fixed noise levels gamma with one
-fixed eps per image: the mean squared error in the run's prediction space (v, eps or x0), one pass with no
-self-conditioning state. Lower is better; it is a proxy for sample quality, not FID.
+own model overrides); train.steps is --steps unless the arm sets it (to compare at equal training time rather than
+equal steps), and each arm completes its own LR schedule. After training, the EMA weights are scored on the first
+--images test images at fixed noise levels gamma with one fixed eps per image: the mean squared error in the run's
+prediction space (v, eps or x0), one pass with no self-conditioning state. Lower is better; it is a proxy for
+sample quality, not FID.
 
     python benchmarks/ab_loss.py rin_fmnist --steps 1000 \
         --arm base \
