@@ -66,6 +66,34 @@ def classify(returncode: int, output: str) -> type[RuntimeError]:
     return StageError
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def auto_parallel(cpus: int | None = None) -> int:
+    """Stages at once when the caller does not say: one on a machine of 3 CPUs or fewer (a CPU run there already
+    uses every core, and a second one makes both several times slower), else two."""
+    return 1 if (cpus or available_cpus()) < 4 else 2
+
+
+def thread_env(parallel: int, cpus: int | None = None) -> dict[str, str]:
+    """OMP/MKL thread counts that share the CPUs between `parallel` concurrent stages (at least one each), so
+    torch's intra-op pools do not oversubscribe the cores. Empty when the caller's environment sets
+    OMP_NUM_THREADS: that choice wins. A CPU run's floats depend on its thread count; with one stage at a time
+    each stage keeps every core, as a plain `dvc repro` does, and gives the same numbers."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    n = str(max(1, (cpus or available_cpus()) // max(1, parallel)))
+    return dict.fromkeys(THREAD_VARS, n)
+
+
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This environment with the running interpreter's bin folder first on PATH (DVC runs `python` from PATH)."""
     env = dict(os.environ)

@@ -67,13 +67,14 @@ def _has_dvc_remote(repo: Path) -> bool:
 def reproduce_table2(
     scale: Scale = "smoke",
     overrides: dict[str, Any] | None = None,
-    parallel: int = 2,
+    parallel: int = 0,
     project: str | None = None,
     launcher: str = "",
 ) -> dict:
     """RIN Table 2 (image generation) at `scale`: "smoke" (a tiny configuration of the same runs, minutes on a CPU) or
     "paper" (params.yaml as it is, for a GPU cluster). `overrides`: extra dotted params.yaml keys (runs then in
-    their own workspace); `parallel`: stages at once; `project`: another checkout of this repository; `launcher`:
+    their own workspace); `parallel`: stages at once (0: one on a machine of up to 3 CPUs, else two; each
+    stage's thread count is its share of the CPUs); `project`: another checkout of this repository; `launcher`:
     what runs the train and sample stages' `python` (e.g. `torchrun --nproc_per_node=8`)."""
     return run_table(TABLE, scale, overrides, parallel, project, launcher)
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.table2", description=__doc__)
     p.add_argument("--scale", choices=["smoke", "paper"], default="smoke")
     p.add_argument("--overrides", default="{}", help="JSON object of dotted params.yaml keys -> values")
-    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--parallel", type=int, default=0, help="stages at once (0: 1 on up to 3 CPUs, else 2)")
     p.add_argument("--project", help="checkout to run in (default: this one)")
     p.add_argument("--launcher", default="", help="e.g. 'torchrun --standalone --nproc_per_node=8'")
     args = p.parse_args(argv)

@@ -25,12 +25,15 @@ from diffusion.storage import S3Location, StorageError, upload_files
 from flows.stages import (
     InfrastructureError,
     StageError,
+    auto_parallel,
     dvc_cmd,
     run_logged,
     stage_command,
     stage_graph,
     stage_outputs,
     stage_state,
+    subprocess_env,
+    thread_env,
 )
 from flows.workspace import sync_workspace
 
@@ -52,19 +55,26 @@ RETRY = dict(
 )
 
 
-# The digest says what the stage computes; where (workspace) and how it is launched (launcher) do not change it.
-STAGE_CACHE = (INPUTS - "workspace" - "launcher") + TASK_SOURCE
+# The digest says what the stage computes; where (workspace), how it is launched (launcher) and how many stages share
+# the CPUs (concurrency) do not change it, as they do not change DVC's view.
+STAGE_CACHE = (INPUTS - "workspace" - "launcher" - "concurrency") + TASK_SOURCE
 LAUNCHED_STAGES = ("train", "sample")  # torchrun-aware stages (diffusion/distributed.py), which a launcher may wrap
 
 
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=STAGE_CACHE, persist_result=True, **RETRY)
-def dvc_stage(workspace: str, stage: str, digest: str, launcher: str = "") -> dict[str, Any]:
+def dvc_stage(workspace: str, stage: str, digest: str, launcher: str = "", concurrency: int = 1) -> dict[str, Any]:
     """`dvc repro --single-item <stage>` in the workspace; `digest`, DVC's view of its inputs, keys the cache.
+    `concurrency`: how many stages run at once on this machine; each gets its share of the CPUs as its thread count
+    (flows.stages.thread_env).
 
     With a `launcher` (e.g. `torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=head:29500`),
     train and sample stages run their dvc.yaml command with `python` replaced by the launcher, then `dvc commit`
     records them: dvc.lock and the cache key are the same as for a plain `dvc repro`."""
     log, ws, start = get_run_logger(), Path(workspace), time.monotonic()
+    threads = thread_env(concurrency)
+    if threads:
+        log.info("%s: %s threads per stage (%d at once)", stage, threads["OMP_NUM_THREADS"], concurrency)
+    env = subprocess_env(threads)
     if launcher and stage.split("@")[0] in LAUNCHED_STAGES:
         if stage_state(ws, stage).up_to_date:
             log.info("%s is up to date", stage)
@@ -72,10 +82,10 @@ def dvc_stage(workspace: str, stage: str, digest: str, launcher: str = "") -> di
             cmd = shlex.split(stage_command(ws, stage))
             if cmd[0] != "python":
                 raise StageError(f"{stage}: command {' '.join(cmd)!r} does not start with python; cannot launch it")
-            run_logged([*shlex.split(launcher), *cmd[1:]], ws, log)
-            run_logged(dvc_cmd("commit", "--force", stage), ws, log)
+            run_logged([*shlex.split(launcher), *cmd[1:]], ws, log, env)
+            run_logged(dvc_cmd("commit", "--force", stage), ws, log, env)
     else:
-        run_logged(dvc_cmd("repro", "--single-item", stage), ws, log)
+        run_logged(dvc_cmd("repro", "--single-item", stage), ws, log, env)
     return {"stage": stage, "digest": digest, "seconds": round(time.monotonic() - start, 1)}
 
 
@@ -117,12 +127,14 @@ class PipelineError(RuntimeError):
 
 
 def run_stages(
-    workspace: Path, targets: Sequence[str], storage: Path | str, parallel: int = 2, launcher: str = ""
+    workspace: Path, targets: Sequence[str], storage: Path | str, parallel: int = 0, launcher: str = ""
 ) -> dict[str, dict]:
     """Run `targets` and what they depend on, each stage as a `dvc-stage` task once its upstream stages are done, at
-    most `parallel` at a time. Independent branches keep going when a stage fails; the flow fails at the end.
-    Returns stage -> {state, seconds, cached} in completion order."""
+    most `parallel` at a time (0: flows.stages.auto_parallel, one on a machine of up to 3 CPUs, else two).
+    Independent branches keep going when a stage fails; the flow fails at the end. Returns stage -> {state, seconds,
+    cached} in completion order."""
     log = get_run_logger()
+    parallel = parallel if parallel > 0 else auto_parallel()
     graph = stage_graph(workspace, targets)
     log.info("stages: %s", ", ".join(graph))
     waiting = dict(graph)
@@ -136,7 +148,7 @@ def run_stages(
                 failed[stage] = f"skipped: upstream {bad[0]} failed"
                 del waiting[stage]
         for stage in [s for s, ups in waiting.items() if all(u in done for u in ups)]:
-            if len(running) >= max(1, parallel):
+            if len(running) >= parallel:
                 break
             state = stage_state(workspace, stage)
             log.info(
@@ -146,7 +158,7 @@ def run_stages(
                 state.digest[:12],
             )
             options = dict(refresh_cache=not state.up_to_date, result_storage=storage)
-            future = dvc_stage.with_options(**options).submit(str(workspace), stage, state.digest, launcher)
+            future = dvc_stage.with_options(**options).submit(str(workspace), stage, state.digest, launcher, parallel)
             running[future] = stage
             del waiting[stage]
         if not running:

@@ -145,7 +145,8 @@ elif stage == "train":
         write(ckpt / f"{step:05d}.json", {"step": step})
         print(f"train {name}: step {step}", flush=True)
     write(f"outputs/{name}/train/model.json", {"steps": run["steps"], "n": run["n"]})
-    write(f"outputs/{name}/train/log.json", {"resumed_from": start, "launcher": os.environ.get("TOY_LAUNCHER")})
+    write(f"outputs/{name}/train/log.json", {"resumed_from": start, "launcher": os.environ.get("TOY_LAUNCHER"),
+                                             "threads": os.environ.get("OMP_NUM_THREADS")})
 elif stage == "evaluate":
     model = json.loads(Path(f"outputs/{name}/train/model.json").read_text())
     write(f"outputs/{name}/eval/metrics.json", {"score": model["n"] * model["steps"]})

@@ -17,7 +17,7 @@ import yaml
 
 from flows.ablation import expand_grid, experiment_name
 from flows.scale import OverrideError, apply_overrides, set_args, smoke_overrides, table_runs
-from flows.stages import InfrastructureError, StageError, classify
+from flows.stages import InfrastructureError, StageError, auto_parallel, available_cpus, classify, thread_env
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -136,14 +136,28 @@ def test_failures_are_classified(code, output, kind):
     assert classify(code, output) is kind
 
 
+def test_concurrent_stages_share_the_cpus(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert auto_parallel(2) == 1 and auto_parallel(3) == 1 and auto_parallel(4) == 2
+    assert thread_env(1, cpus=2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert thread_env(2, cpus=2)["OMP_NUM_THREADS"] == "1"
+    assert thread_env(4, cpus=2)["OMP_NUM_THREADS"] == "1"  # never zero
+    assert thread_env(2, cpus=64)["OMP_NUM_THREADS"] == "32"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert thread_env(2, cpus=64) == {}  # the caller's choice wins
+
+
 # Flows against a real Prefect server, on the toy project.
 
 
-def test_flow_runs_the_graph_and_caches_what_dvc_calls_current(prefect_server, toy_project):
+def test_flow_runs_the_graph_and_caches_what_dvc_calls_current(prefect_server, toy_project, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     state, states = run_table2(toy_project)
     assert state.is_completed()
     stages = stage_states(states)
     assert stages == dict.fromkeys(["prep", "train@a", "train@b", "evaluate@a", "evaluate@b", "report"], "Completed")
+    threads = json.loads((toy_project / "outputs/a/train/log.json").read_text())["threads"]
+    assert threads == str(max(1, available_cpus() // auto_parallel()))  # each stage got its share of the CPUs
     assert (toy_project / "outputs/report/report.md").read_text() == "| a | 3 |\n| b | 6 |\n"
 
     _, states = run_table2(toy_project)  # nothing changed: every stage is a cache hit, nothing runs
