@@ -87,9 +87,9 @@ def arm_run(raw: dict, run_name: str, over: dict, steps: int):
     if section is None:
         raise SystemExit(f"params.yaml has no run {run_name!r}")
     raw = copy.deepcopy(raw)
-    run_over = raw[section][run_name].get("model", {}).get("overrides") or {}
     if "overrides" in over.get("model", {}):  # an arm adds to the run's model overrides (params.yaml replaces them)
-        over = deep_merge(over, {"model": {"overrides": run_over | over["model"]["overrides"]}})
+        own = raw[section][run_name].get("model", {}).get("overrides") or {}
+        over = deep_merge(over, {"model": {"overrides": own | over["model"]["overrides"]}})
     steps = over.get("train", {}).get("steps", steps)  # an arm may set its own, e.g. for equal training time
     over = deep_merge(over, {"train": {"steps": steps, "checkpoint_every": steps, "sample_every": 0}})
     raw[section][run_name] = deep_merge(raw[section][run_name], over)
