@@ -170,9 +170,8 @@ class Trainer:
             return 0
         state = json.loads((path / "state.json").read_text())
         if state.get("fingerprint") != self.fingerprint:
-            aside = self.ckpt_dir.with_name(f"checkpoints.stale-{int(time.time())}")
             if self.d.is_main:
-                self.ckpt_dir.rename(aside)
+                aside = move_aside(self.ckpt_dir)
                 log.warning("%s: checkpoints were written for another configuration; moved to %s, starting over",
                             self.run.name, aside)
             barrier(self.d)
@@ -284,6 +283,13 @@ class Trainer:
         write_text_atomic(self.out / "metrics.json", json.dumps(summary, indent=1))
 
 
+def move_aside(path: Path) -> Path:
+    """Rename `path` to <name>.stale-<unix time> beside it (kept, never deleted) and return the new path."""
+    aside = path.with_name(f"{path.name}.stale-{int(time.time())}")
+    path.rename(aside)
+    return aside
+
+
 def align_live(live_dir: Path, step: int) -> None:
     """Make a dvclive folder agree with a run that continues from `step`: rows logged after it (by a session killed
     before its next checkpoint) are dropped from the metric files, and a run that starts over (step 0) moves the old
@@ -292,8 +298,7 @@ def align_live(live_dir: Path, step: int) -> None:
     if not live_dir.exists():
         return
     if step == 0:
-        aside = live_dir.with_name(f"{live_dir.name}.stale-{int(time.time())}")
-        live_dir.rename(aside)
+        aside = move_aside(live_dir)
         log.warning("%s: metrics of an earlier run that does not continue here moved to %s", live_dir, aside)
         return
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
