@@ -133,8 +133,10 @@ def run_stages(
     most `parallel` at a time (0: flows.stages.auto_parallel, one on a machine of up to 3 CPUs, else two).
     Independent branches keep going when a stage fails; the flow fails at the end. Returns stage -> {state, seconds,
     cached} in completion order."""
+    if parallel < 0:
+        raise ValueError(f"parallel must be a number of stages >= 1, or 0 to choose from the CPU count; got {parallel}")
     log = get_run_logger()
-    parallel = parallel if parallel > 0 else auto_parallel()
+    parallel = parallel or auto_parallel()
     graph = stage_graph(workspace, targets)
     log.info("stages: %s", ", ".join(graph))
     waiting = dict(graph)

@@ -147,6 +147,13 @@ def test_concurrent_stages_share_the_cpus(monkeypatch):
     assert thread_env(2, cpus=64) == {}  # the caller's choice wins
 
 
+def test_a_negative_parallel_is_refused_naming_the_parameter(tmp_path):
+    from flows.tasks import run_stages
+
+    with pytest.raises(ValueError, match="parallel must be .* got -1"):
+        run_stages(tmp_path, [], tmp_path, parallel=-1)
+
+
 # Flows against a real Prefect server, on the toy project.
 
 
