@@ -36,7 +36,8 @@ test-slow: setup data-deps
 	$(PY) -m pytest -m slow
 
 lint: setup
-	$(VENV)/bin/ruff check diffusion rin meme flows tests benchmarks
+	$(VENV)/bin/ruff check data diffusion rin meme flows tests benchmarks
+	$(VENV)/bin/lint-imports
 
 # Orchestration (README, "Prefect"): the local Prefect server (SQLite in .prefect/), the served deployments, and a
 # smoke-scale run of each, triggered the way users do. Only these targets see PREFECT_API_URL (tests start their own).

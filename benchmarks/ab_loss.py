@@ -8,7 +8,7 @@ equal steps), and each arm completes its own LR schedule. After training, the EM
 prediction space (v, eps or x0), one pass with no self-conditioning state. Lower is better; it is a proxy for
 sample quality, not FID.
 
-    python benchmarks/ab_loss.py rin_fmnist --steps 1000 \
+    python benchmarks/ab_loss.py rin_fmnist --shards data/shards/fashion_mnist --steps 1000 \
         --arm base \
         --arm wide=model.overrides.interface_dim=192,model.overrides.interface_mlp_ratio=4.0 \
         --out benchmarks/results/ab_rin_fmnist.json
@@ -19,7 +19,6 @@ Needs data/shards/<dataset> (`dvc repro shard@<dataset>`).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import tempfile
@@ -29,11 +28,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from diffusion.config import ConfigError, deep_merge, parse_params
-from diffusion.distributed import Dist
+from data.batches import read_split, training_source
+from diffusion.config import ConfigError, parse_params
+from diffusion.distributed import Dist, autocast
+from diffusion.images import from_uint8
 from diffusion.objectives import q_sample, target
-from diffusion.sources import load_split_uint8, training_source
-from diffusion.train import Trainer, autocast
+from diffusion.trainer import Trainer
+from diffusion.typed import set_dotted
 
 GAMMAS = (0.99, 0.9, 0.5, 0.1, 0.01)  # low noise -> high noise
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -67,34 +68,27 @@ def _scalar(text: str):
 
 
 def parse_arm(text: str) -> tuple[str, dict]:
-    """'name=a.b=1,c=x' -> ('name', {'a': {'b': 1}, 'c': 'x'}); values are read as YAML scalars."""
+    """'name=a.b=1,c=x' -> ('name', {'a.b': 1, 'c': 'x'}): dotted keys of the run's section, YAML scalar values."""
     name, _, rest = text.partition("=")
     over: dict = {}
     for item in filter(None, _split_top(rest)):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--arm {text!r}: {item!r} is not key=value (e.g. train.lr=0.001)")
-        node = over
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _scalar(value)
+        over[key] = _scalar(value)
     return name, over
 
 
 def arm_run(raw: dict, run_name: str, over: dict, steps: int):
+    """The run with the arm's dotted keys set in its section: a model.overrides.* key adds to the run's own
+    overrides (set key by key), and train.steps is `steps` unless the arm sets it (e.g. for equal training time)."""
     section = next((s for s in ("runs", "experts") if run_name in raw.get(s, {})), None)
     if section is None:
         raise SystemExit(f"params.yaml has no run {run_name!r}")
-    raw = copy.deepcopy(raw)
-    if "overrides" in over.get("model", {}):  # an arm adds to the run's model overrides (params.yaml replaces them)
-        own = raw[section][run_name].get("model", {}).get("overrides") or {}
-        over = deep_merge(over, {"model": {"overrides": own | over["model"]["overrides"]}})
-    steps = over.get("train", {}).get("steps", steps)  # an arm may set its own, e.g. for equal training time
-    over = deep_merge(over, {"train": {"steps": steps, "checkpoint_every": steps, "sample_every": 0}})
-    raw[section][run_name] = deep_merge(raw[section][run_name], over)
+    steps = over.get("train.steps", steps)
+    keys = over | {"train.steps": steps, "train.checkpoint_every": steps, "train.sample_every": 0}
     try:
-        return parse_params(raw).run(run_name)
+        return parse_params(set_dotted(raw, {f"{section}.{run_name}.{k}": v for k, v in keys.items()})).run(run_name)
     except ConfigError as e:
         raise SystemExit(f"an --arm override is invalid: {e}") from None
 
@@ -124,7 +118,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256, help="test images scored per noise level")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--shards", default=None, help="shard folder (default data/shards/<dataset>)")
+    p.add_argument("--shards", required=True, help="the run's shard folder (data/shards/<dataset>)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,15 +129,14 @@ def main() -> None:
         run = arm_run(raw, args.run, over, args.steps)
         if run.model.class_conditional or run.diffusion.context_frames or run.train.expert is not None:
             raise SystemExit(f"{args.run}: only unconditional image runs are supported here")
-        shards = args.shards or f"data/shards/{run.dataset_name}"
+        shards = args.shards
         if shards not in test_images:
-            test = torch.from_numpy(load_split_uint8(run, shards, "test")[0][: args.images]).movedim(-1, 1)
-            test_images[shards] = test.float() / 127.5 - 1.0
+            test_images[shards] = from_uint8(read_split(run.dataset, shards, "test", limit=args.images)[0])
         x0 = test_images[shards]
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(run, Path(tmp), CPU)
             start = time.perf_counter()
-            result = trainer.fit(training_source(run, shards, 0, 1))
+            result = trainer.fit(training_source(run.dataset, run.train, shards))
             seconds = time.perf_counter() - start
             losses = test_loss(trainer.ema.module.eval(), run, x0, GAMMAS)
         row = {"arm": name, "overrides": over, "steps": run.train.steps, "final_train_loss": result.final_loss,

@@ -25,10 +25,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from data.loader import make_loader
+from data.prepare import write_dataset_shards
+from data.readers import IDX_SPLITS, find_idx, load_idx_split
+from data.tarformat import MANIFEST
 from diffusion.config import load_params
-from diffusion.data import IDX_SPLITS, find_idx, load_idx_split, write_dataset_shards
-from diffusion.loader import make_loader
-from diffusion.shards import MANIFEST
 
 WORKERS = (0, 1, 2)
 
@@ -101,7 +102,8 @@ def bench(args: argparse.Namespace, tmp: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--shards", default="data/shards/fashion_mnist", help="shard root (written to a temp dir if absent)")
+    p.add_argument("--shards", required=True,
+                   help="shard root, e.g. data/shards/fashion_mnist (written to a temp dir if absent)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--batches", type=int, default=100, help="timed batches per configuration")
     p.add_argument("--warmup", type=int, default=5, help="untimed batches first")

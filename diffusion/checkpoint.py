@@ -1,4 +1,5 @@
-"""Atomic, pickle-free training checkpoints: safetensors for every tensor, JSON for the rest, sha256 manifest.
+"""Atomic, pickle-free weights and training checkpoints: safetensors for every tensor, JSON for the rest, a sha256
+manifest; loading a run's trained network (an ensemble: its experts') and a latent dataset's autoencoder.
 
 Layout: <dir>/step-000200/{model,ema,optimizer}.safetensors + state.json + manifest.json, and <dir>/latest
 naming the newest complete checkpoint. A checkpoint directory appears only once fully written (rename).
@@ -10,23 +11,26 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from diffusion.shards import atomic_write_bytes, sha256_file
+from diffusion import registry
+from diffusion.config import AutoencoderConfig, RunConfig
+from diffusion.errors import UserError
+from diffusion.io import atomic_write, sha256_file, write_text
 
 MANIFEST = "manifest.json"
+AUTOENCODER_FILE = "autoencoder.safetensors"  # a latent dataset's autoencoder, inside its shard folder
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not match its manifest."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or weights file is missing, incomplete, or does not match its manifest."""
 
 
 def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -72,7 +76,7 @@ def save(root: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, op
     if final.exists():  # a stale copy of the same step (e.g. from a run killed after the rename)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    write_text_atomic(root / "latest", final.name + "\n")
+    write_text(root / "latest", final.name + "\n")
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -110,3 +114,57 @@ def load(path: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: to
         tensors = load_file(str(path / "optimizer.safetensors"))
         optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
     return state
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file written atomically."""
+    atomic_write(path, safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata))
+
+
+def weight_file(train_dir: Path, use_ema: bool) -> Path:
+    """The exported weights of a train folder the sampler uses: ema.safetensors or model.safetensors."""
+    return Path(train_dir) / ("ema.safetensors" if use_ema else "model.safetensors")
+
+
+def weight_files(run: RunConfig, train_dirs: Sequence[Path]) -> list[Path]:
+    """The exported weights a run samples from: its train folder's, or for an ensemble each expert's, in order."""
+    wanted = [e.name for e in run.experts] or [run.name]
+    if len(train_dirs) != len(wanted):
+        raise CheckpointError(f"{run.params_key}: needs {len(wanted)} train folder(s), one for each of {wanted} in "
+                              f"this order; got {len(train_dirs)}")
+    return [weight_file(d, run.sample.use_ema) for d in train_dirs]
+
+
+def load_trained(run: RunConfig, files: Sequence[Path], device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The run's trained network in eval mode, from one safetensors file per network (an ensemble: one per expert
+    run, in interval order); no pickle involved."""
+    for path in files:
+        if not Path(path).exists():
+            raise CheckpointError(f"{path}: no trained weights; train that run first (dvc repro, or "
+                                  f"`python -m diffusion.cli train RUN`)")
+    model = registry.with_weights(run, [load_file(str(p), device="cpu") for p in files])
+    return model.to(device).eval()
+
+
+def load_first_stage(path: Path, cfg: AutoencoderConfig, channels: int):
+    """The autoencoder in `path` (safetensors with latent_scale metadata), built from cfg, as the registry's
+    FirstStage (encode to scaled latents, decode back)."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no autoencoder weights; run the latent dataset's autoencoder stage "
+                              f"(dvc.yaml autoencoder@{path.parent.name}) first")
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    if "latent_scale" not in meta:
+        raise CheckpointError(f"{path}: no latent_scale in the safetensors metadata; write it with the autoencoder "
+                              "stage")
+    model = registry.build_autoencoder(cfg, channels)
+    model.load_state_dict(load_file(str(path)))
+    return registry.first_stage(model, float(meta["latent_scale"]), path, sha256_file(path))
+
+
+def first_stage(run: RunConfig, shards: Path, device: str | torch.device):
+    """A latent run's autoencoder, from its latent dataset's folder (<shards>/autoencoder.safetensors, written by the
+    dataset's autoencoder stage); None for a run in pixel space."""
+    if run.autoencoder is None:
+        return None
+    return load_first_stage(Path(shards) / AUTOENCODER_FILE, run.autoencoder, run.dataset.channels).to(device)

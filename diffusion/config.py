@@ -9,29 +9,16 @@ loader rejects unknown keys, missing keys, wrong types and out-of-range values, 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from diffusion.typed import ConfigError, bounded, build_dataclass, deep_merge
+
 PARAMS_FILE = Path("params.yaml")
-
-
-class ConfigError(ValueError):
-    """A params.yaml value is missing, unknown, mistyped or out of range; the message names the key path."""
-
-
-def _range(ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None):
-    return {"ge": ge, "gt": gt, "le": le, "lt": lt}
-
-
-def bounded(ge=None, gt=None, le=None, lt=None) -> Any:
-    """A required dataclass field whose numeric value must lie in the given range."""
-    return field(metadata=_range(ge, gt, le, lt))
 
 
 @dataclass(frozen=True)
@@ -78,7 +65,7 @@ class DatasetConfig:
 class ModelConfig:
     """Which architecture preset a run uses, plus field-by-field overrides of that preset."""
 
-    family: Literal["rin", "meme"]
+    family: str  # the model package (rin, meme: diffusion/registry.py FAMILIES); each run names it in its own section
     preset: str
     class_conditional: bool
     overrides: dict[str, Any]
@@ -295,123 +282,6 @@ class Params:
         return runs[name]
 
 
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping with keys {[f.name for f in dataclasses.fields(tp)]}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check_range(path: str, value: float, meta: Mapping[str, Any]) -> None:
-    bounds = {k: meta.get(k) for k in ("ge", "gt", "le", "lt") if meta.get(k) is not None}
-    ok = all(
-        {"ge": value >= b, "gt": value > b, "le": value <= b, "lt": value < b}[k] for k, b in bounds.items()
-    )
-    if not ok:
-        words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-        allowed = " and ".join(f"{words[k]} {b}" for k, b in bounds.items())
-        raise ConfigError(f"params.yaml: {path} must be {allowed}, got {value!r}")
-
-
-def convert(tp: Any, value: Any, path: str) -> Any:
-    """Check `value` against the type annotation `tp` and build it (dataclasses recursively)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        # bool is an int in Python: `True` must not pass for Literal[1, 3].
-        if isinstance(value, bool) or value not in allowed:
-            raise ConfigError(f"params.yaml: {path} must be {_describe(tp)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return convert(arg, value, path)
-            except ConfigError as err:
-                errors.append(str(err))
-        if len(errors) == 1:
-            raise ConfigError(errors[0])
-        raise ConfigError(f"params.yaml: {path} must be one of {args}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, path)
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"params.yaml: {path} must be a mapping, got {type(value).__name__} {value!r}")
-        _, val_tp = typing.get_args(tp)
-        return {str(k): convert(val_tp, v, f"{path}.{k}") for k, v in value.items()}
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"params.yaml: {path} must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"params.yaml: {path} must have {len(args)} items, got {len(value)}")
-        return tuple(convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"params.yaml: {path} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"params.yaml: {path} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"params.yaml: {path} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"params.yaml: {path} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"config type {tp!r} at {path} is not supported")
-
-
-def build_dataclass(cls: type, raw: Any, path: str, extra: Mapping[str, Any] | None = None) -> Any:
-    """Build a frozen dataclass from a mapping, rejecting unknown and missing keys by their path."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"params.yaml: {path} must be {_describe(cls)}, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    prebuilt = dict(extra or {})  # values already typed by the caller (e.g. a run's DatasetConfig)
-    given = dict(raw) | prebuilt
-    unknown = sorted(set(given) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"params.yaml: unknown key {path}.{unknown[0]}; allowed keys under {path} are {sorted(fields)}"
-        )
-    missing = [name for name, f in fields.items() if name not in given and not _has_default(f)]
-    if missing:
-        raise ConfigError(f"params.yaml: missing key {path}.{missing[0]} ({_describe(hints[missing[0]])})")
-    values = {}
-    for name, f in fields.items():
-        sub = f"{path}.{name}"
-        if name not in given:  # an optional key left out: the dataclass default
-            continue
-        if name in prebuilt:
-            values[name] = prebuilt[name]
-            continue
-        value = convert(hints[name], given[name], sub)
-        if f.metadata and isinstance(value, int | float) and not isinstance(value, bool):
-            _check_range(sub, value, f.metadata)
-        values[name] = value
-    try:
-        return cls(**values)
-    except ConfigError as err:
-        raise ConfigError(f"params.yaml: {path}: {err}") from None
-
-
-def _has_default(f: dataclasses.Field) -> bool:
-    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-
-
 def check_role(run: RunConfig) -> None:
     """A run's section matches what it is: an expert trains one interval (train.expert), an ensemble routes between
     experts (model.experts), a run of `runs` is neither."""
@@ -476,12 +346,6 @@ def check_latent_dataset(name: str, ae: AutoencoderConfig, datasets: Mapping[str
     if name in pipeline.datasets:
         raise ConfigError(f"{key}: remove {name!r} from pipeline.datasets: autoencoder@{name} writes its shards, "
                           "not shard@")
-    from meme.autoencoder import check_shapes  # late import: meme imports this module's types
-
-    try:
-        check_shapes(ae, datasets[ae.dataset])
-    except ValueError as err:
-        raise ConfigError(f"{key}: {err}") from None
 
 
 def check_fourier(cfg: FourierConfig, runs: Mapping[str, RunConfig]) -> None:
@@ -495,17 +359,6 @@ def check_fourier(cfg: FourierConfig, runs: Mapping[str, RunConfig]) -> None:
             raise ConfigError(f"{key}: {run.params_key} is a {run.model.family} model of "
                               f"{'video' if run.dataset.frames else 'images'}; the analysis hooks the feature maps "
                               "of U-Nets on images (model family meme)")
-
-
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """`over` wins; mappings merge key by key (except `overrides`, which replaces as a whole)."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) and key != "overrides":
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 # What the pipeline does with the runs of each params.yaml section, and the keys each run writes (dvc.yaml lists
@@ -532,6 +385,10 @@ def parse_run(section: Section, name: str, run_raw: Any, defaults: Mapping[str, 
     if missing:  # dvc.yaml lists <section>.<name>.<key> as stage params, so each must exist (`{}` is fine)
         raise ConfigError(f"params.yaml: missing key {key}.{missing[0]} (write `{missing[0]}: {{}}` to take the "
                           "defaults)")
+    if not isinstance(run_raw.get("model"), Mapping) or "family" not in run_raw["model"]:
+        raise ConfigError(f"params.yaml: missing key {key}.model.family: each run names its model family (the model "
+                          "package, e.g. `model: {family: rin}`) in its own section, where dvc.yaml reads it to depend "
+                          "on that package")
     merged = deep_merge(defaults, run_raw)
     dataset_name = merged.get("dataset")
     if dataset_name not in datasets:
@@ -584,10 +441,6 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
                                   "run names must be unique across runs, experts and ensembles")
             runs[name] = parse_run(section, name, run_raw, raw["defaults"], datasets, pipeline, autoencoders)
     runs = attach_experts(runs)
-    from diffusion.registry import resolve_model  # late import: model packages import this module's types
-
-    for run in runs.values():
-        resolve_model(run)  # validates preset names and overrides now, not at train time
     evaluation = build_dataclass(EvaluationConfig, raw["evaluation"], "evaluation")
     for name in evaluation.references:
         if name not in pipeline.datasets and name not in autoencoders:

@@ -1,8 +1,10 @@
-"""torchrun-aware process group: NCCL on GPUs, gloo on CPU; the same code path for 1 and N processes."""
+"""torchrun-aware process group (NCCL on GPUs, gloo on CPU; the same code path for 1 and N processes) and the
+precision context (bf16 autocast with fp32 master weights)."""
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -55,3 +57,10 @@ def all_reduce_mean(value: float, d: Dist) -> float:
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast on the device's type for precision "bf16"; nothing for "fp32"."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()

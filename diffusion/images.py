@@ -1,15 +1,16 @@
-"""Conversions between model tensors in [-1, 1] and uint8 images, and PNG sample grids."""
+"""The one conversion between model tensors in [-1, 1] and uint8 images, sample grids, and PNG files."""
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from diffusion.io import atomic_write
 
 
 def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
@@ -19,10 +20,14 @@ def to_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
     return x.movedim(1, -1).cpu().numpy()
 
 
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..255 -> float32 in [-1, 1], any layout."""
+    return x.float() / 127.5 - 1.0
+
+
 def from_uint8(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Inverse of to_uint8_nhwc: (B, [T,] H, W, C) uint8 -> (B, C, [T,] H, W) float in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(x))
-    return x.movedim(-1, 1).float() / 127.5 - 1.0
+    return to_unit_range(torch.as_tensor(np.asarray(x)).movedim(-1, 1))
 
 
 def grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
@@ -51,13 +56,10 @@ def video_grid(clips: np.ndarray, max_clips: int = 8, context_frames: int = 0, p
 
 
 def save_png_atomic(image: np.ndarray, path: str | Path, scale: int = 1) -> None:
-    """Write an (H, W, C) uint8 image as PNG through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write an (H, W, C) uint8 image as PNG, atomically (diffusion.io.atomic_write)."""
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    with os.fdopen(fd, "wb") as fh:
-        pil.save(fh, format="PNG")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    atomic_write(path, buf.getvalue())

@@ -1,13 +1,26 @@
-"""Model families and their presets: turns a run's `model:` section into a validated config and a module."""
+"""Model families and their presets: turns a run's `model:` section into a validated config and a module. The only
+importer of the model packages, each imported when a run of its family needs it (FAMILIES), so a stage's code is
+the engine plus the family its run uses.
+
+A family package exposes in `<family>/presets.py`: PRESETS (name -> config dataclass with `validate()`,
+`data_shape`, `channels`, `num_classes`, `self_cond`), `build(cfg) -> nn.Module`, and optionally PAPER_PARAMS
+(preset -> the paper's parameter count) and ENSEMBLE (the preset name of a router over expert runs)."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import types
 import typing
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from diffusion.config import ConfigError, RunConfig, convert
+from diffusion.config import AutoencoderConfig, ConfigError, DatasetConfig, Params, RunConfig, load_params
+from diffusion.typed import convert
+
+FAMILIES = ("rin", "meme")  # model packages; a new family is a package with presets.py and an entry here
+FIRST_STAGE_FAMILY = "meme"  # the package that holds the latent datasets' autoencoder (meme/autoencoder.py)
 
 # Fields a run may not override: they follow from the dataset and from train.self_cond_rate.
 DERIVED = {"data_shape": "datasets.<name>.resolution/frames", "channels": "datasets.<name>.channels",
@@ -15,33 +28,31 @@ DERIVED = {"data_shape": "datasets.<name>.resolution/frames", "channels": "datas
            "self_cond": "train.self_cond_rate"}
 
 
-def presets(family: str) -> dict[str, typing.Any]:
-    if family == "rin":
-        from rin.presets import PRESETS
-
-        return PRESETS
-    if family == "meme":
-        from meme.presets import MULTI_EXPERT, PRESETS
-
-        return PRESETS | {"multi_expert": MULTI_EXPERT}
-    raise ConfigError(f"model family {family!r} has no presets (available: rin, meme)")
+def family(name: str) -> types.ModuleType:
+    """`<name>.presets`, imported on first use."""
+    if name not in FAMILIES:
+        raise ConfigError(f"model family {name!r} is not registered (available: {', '.join(FAMILIES)})")
+    return importlib.import_module(f"{name}.presets")
 
 
-def all_presets() -> dict[str, typing.Any]:
-    """Every standalone network preset (the multi_expert template is built from a run's experts, not alone)."""
-    from meme.presets import PRESETS as MEME
-
-    return dict(presets("rin")) | MEME
-
-
-def paper_params() -> dict[str, str]:
-    """A preset's parameter count as the paper gives it, where the paper gives one."""
-    from meme.presets import PAPER_PARAMS
-
-    return dict(PAPER_PARAMS)
+def presets(name: str) -> dict[str, typing.Any]:
+    """A family's presets, with its ensemble template (if it has one) under the template's name."""
+    fam = family(name)
+    ensemble = getattr(fam, "ENSEMBLE", None)
+    return dict(fam.PRESETS) | ({ensemble[0]: ensemble[1]} if ensemble else {})
 
 
-def apply_overrides(base: typing.Any, overrides: dict[str, typing.Any], path: str) -> typing.Any:
+def all_presets() -> dict[str, tuple[str, typing.Any]]:
+    """Every standalone network preset of every family: name -> (family, config)."""
+    return {name: (fam, cfg) for fam in FAMILIES for name, cfg in family(fam).PRESETS.items()}
+
+
+def paper_params(fam: str) -> dict[str, str]:
+    """A family's preset parameter counts as the papers give them, where they give one."""
+    return dict(getattr(family(fam), "PAPER_PARAMS", {}))
+
+
+def apply_overrides(base: typing.Any, overrides: Mapping[str, typing.Any], path: str) -> typing.Any:
     """dataclasses.replace with each override type-checked against the preset's field type."""
     hints = typing.get_type_hints(type(base))
     for key in overrides:
@@ -55,16 +66,17 @@ def apply_overrides(base: typing.Any, overrides: dict[str, typing.Any], path: st
 
 
 def resolve_model(run: RunConfig) -> typing.Any:
-    """The model config a run trains: its preset, shaped to its dataset, with its overrides applied. For a
-    multi-expert run (preset multi_expert), the router's config over its expert runs' resolved models."""
+    """The model config a run trains: its preset, shaped to its dataset, with its overrides applied. For an ensemble
+    (the family's ENSEMBLE preset), the router's config over its expert runs' resolved models."""
     path = f"{run.params_key}.model"
     table = presets(run.model.family)
     if run.model.preset not in table:
         raise ConfigError(f"params.yaml: {path}.preset must be one of {sorted(table)}, got {run.model.preset!r}")
-    multi = run.model.family == "meme" and run.model.preset == "multi_expert"
+    ensemble = getattr(family(run.model.family), "ENSEMBLE", (None,))[0]
+    multi = run.model.preset == ensemble
     if multi != bool(run.model.experts):
         raise ConfigError(f"params.yaml: {path}.experts lists the expert runs of a multi-expert run: give it exactly "
-                          "when family is meme and preset is multi_expert")
+                          f"when the preset is the family's ensemble preset ({ensemble or 'none in this family'})")
     ds = run.dataset
     if run.model.class_conditional and ds.num_classes == 0:
         raise ConfigError(
@@ -92,19 +104,70 @@ def resolve_model(run: RunConfig) -> typing.Any:
     return cfg
 
 
-def build(cfg: typing.Any) -> nn.Module:
-    from meme.experts import MultiExpertConfig, build_multi_expert
-    from meme.unet import UNet, UNetConfig
-    from rin.model import RIN, RINConfig
-
-    if isinstance(cfg, RINConfig):
-        return RIN(cfg)
-    if isinstance(cfg, UNetConfig):
-        return UNet(cfg)
-    if isinstance(cfg, MultiExpertConfig):
-        return build_multi_expert(cfg)
-    raise TypeError(f"no model for config type {type(cfg).__name__}")
+def build(fam: str, cfg: typing.Any) -> nn.Module:
+    """A freshly initialised network of family `fam` for a resolved config."""
+    return family(fam).build(cfg)
 
 
 def build_model(run: RunConfig) -> nn.Module:
-    return build(resolve_model(run))
+    return build(run.model.family, resolve_model(run))
+
+
+def with_weights(run: RunConfig, state_dicts: Sequence[Mapping[str, typing.Any]]) -> nn.Module:
+    """The run's network with trained weights: one state dict, or for an ensemble one per expert run, in order."""
+    model = build_model(run)
+    if run.experts:
+        if len(state_dicts) != len(run.experts):
+            raise ValueError(f"{run.name}: {len(run.experts)} experts but {len(state_dicts)} weight files")
+        family(run.model.family).load_experts(model, state_dicts)
+    else:
+        (state,) = state_dicts
+        model.load_state_dict(state)
+    return model
+
+
+def check_autoencoder(name: str, cfg: AutoencoderConfig, dataset: DatasetConfig) -> None:
+    from meme.autoencoder import check_shapes
+
+    try:
+        check_shapes(cfg, dataset)
+    except ValueError as err:
+        raise ConfigError(f"params.yaml: autoencoders.{name}: {err}") from None
+
+
+def build_autoencoder(cfg: AutoencoderConfig, channels: int) -> nn.Module:
+    """A latent dataset's autoencoder, freshly initialised (meme/autoencoder.py)."""
+    from meme.autoencoder import Autoencoder
+
+    return Autoencoder(cfg, channels)
+
+
+def first_stage(model: nn.Module, scale: float, path, sha256: str):
+    """A trained autoencoder as runs use it: encode to scaled latents, decode back (meme.autoencoder.FirstStage)."""
+    from meme.autoencoder import FirstStage
+
+    return FirstStage(model, scale, path, sha256)
+
+
+def autoencoder_loss(model: nn.Module, x, generator=None):
+    from meme.autoencoder import autoencoder_loss as loss
+
+    return loss(model, x, generator)
+
+
+def check(params: Params, runs: Sequence[str] | None = None) -> None:
+    """The model part of params.yaml, checked at the edge (loading params.yaml imports no model): every run's preset
+    and overrides resolve to a buildable config, every autoencoder fits its dataset. `runs` limits the run check."""
+    for name, ae in params.autoencoders.items():
+        check_autoencoder(name, ae, params.datasets[ae.dataset])
+    for name, run in params.all_runs.items():
+        if runs is None or name in runs:
+            resolve_model(run)
+
+
+def load_run(params_file: str, name: str) -> tuple[Params, RunConfig]:
+    """params.yaml, one of its runs, and the run's model part checked (presets and overrides, its experts' too)."""
+    params = load_params(params_file)
+    run = params.run(name)
+    check(params, runs=[name, *(e.name for e in run.experts)])
+    return params, run

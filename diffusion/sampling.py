@@ -16,16 +16,7 @@ from tqdm.auto import tqdm
 from diffusion.config import SampleConfig
 from diffusion.objectives import Denoiser, Prediction, _bcast, to_x0_eps, with_context
 from diffusion.schedules import Schedule
-
-
-def time_pairs(steps: int, td: float = 0.0) -> list[tuple[float, float]]:
-    """(t_now, t_next) for each step from t=1 down to 0; `td` shifts t_next earlier by td steps (pix2seq)."""
-    pairs = []
-    for i in range(steps):
-        t_now = 1.0 - i / steps
-        t_next = max(1.0 - (i + 1 + td) / steps, 0.0)
-        pairs.append((t_now, t_next))
-    return pairs
+from diffusion.timesteps import time_pairs
 
 
 def per_image_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device) -> Tensor:

@@ -20,8 +20,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from diffusion.io import canonical_json
 from flows.results import result_storage
-from flows.scale import OverrideError, Scale, fingerprint, scale_overrides, set_args
+from flows.scale import OverrideError, Scale, scale_overrides, set_args
 from flows.stages import dvc_cmd, run_logged, subprocess_env
 from flows.tasks import RETRY
 from flows.workspace import read_params, repo_root
@@ -53,7 +54,7 @@ def experiment_name(scale: str, combo: dict[str, Any], base: str) -> str:
     """A readable, git-ref-safe name: <scale>-<last key part><value>...-<hash of combination and baseline>."""
     slug = "-".join(f"{key.rsplit('.', 1)[-1]}{value}" for key, value in combo.items())
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", slug)[:40].strip("._-")
-    digest = hashlib.sha256(fingerprint({"combo": combo, "scale": scale, "baseline": base}).encode()).hexdigest()[:6]
+    digest = hashlib.sha256(canonical_json({"combo": combo, "scale": scale, "baseline": base}).encode()).hexdigest()[:6]
     return f"{scale}-{slug}-{digest}"
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from diffusion.storage import S3Location, check
+from flows.storage import S3Location, check
 from flows.workspace import flows_dir
 
 BLOCK_PREFIX = "rin-meme-results"

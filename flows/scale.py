@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from diffusion.typed import ConfigError
+
 Scale = Literal["paper", "smoke"]
 SCALES: tuple[str, ...] = ("paper", "smoke")
 
@@ -36,7 +38,7 @@ SMOKE_FOURIER_IMAGES = 16
 SMOKE_LABEL = "smoke test"  # what the report's "our setting" says about a smoke-scale row
 
 
-class OverrideError(ValueError):
+class OverrideError(ConfigError):
     """An override names a key that params.yaml cannot hold; the message names it."""
 
 
@@ -57,7 +59,7 @@ def smoke_overrides(raw: Mapping[str, Any]) -> dict[str, Any]:
         for name, entry in (raw.get(section) or {}).items():
             key, dataset = f"{section}.{name}", entry.get("dataset")
             video = bool((datasets.get(dataset) or {}).get("frames"))
-            family = (entry.get("model") or {}).get("family") or raw["defaults"]["model"]["family"]
+            family = (entry.get("model") or {}).get("family")
             if section != "ensembles":
                 out |= {f"{key}.{k}": v for k, v in SMOKE_TRAIN.items()}
                 if (family, video) in SMOKE_TINY_PRESET:
@@ -97,35 +99,6 @@ def absolute_roots(raw: Mapping[str, Any], repo: Path) -> dict[str, Any]:
     }
 
 
-def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of `raw` with each dotted key set; missing mappings on the way are created. The copy shares nothing,
-    not even what YAML anchors made one object in `raw`, so a key set under one run changes no other."""
-    out = _unshared(raw)
-    for dotted, value in overrides.items():
-        keys = dotted.split(".")
-        if not all(keys):
-            raise OverrideError(f"override {dotted!r}: empty key part; write e.g. runs.rin_fmnist.train.steps")
-        node = out
-        for i, key in enumerate(keys[:-1]):
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise OverrideError(
-                    f"override {dotted!r}: params.yaml {'.'.join(keys[: i + 1])} is "
-                    f"{type(child).__name__} {child!r}, not a mapping"
-                )
-            node = child
-        node[keys[-1]] = _unshared(value)
-    return out
-
-
-def _unshared(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {k: _unshared(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_unshared(v) for v in obj]
-    return obj
-
-
 def set_args(overrides: Mapping[str, Any]) -> list[str]:
     """`-S ++key=value` arguments for `dvc exp run` (Hydra's override grammar: `++` sets a key, adding it when
     params.yaml lacks it); values written as JSON scalars and lists."""
@@ -133,8 +106,3 @@ def set_args(overrides: Mapping[str, Any]) -> list[str]:
     for key, value in overrides.items():
         args += ["-S", f"++{key}={json.dumps(value)}"]
     return args
-
-
-def fingerprint(obj: Any) -> str:
-    """A stable text form of JSON-able data (sorted keys), for names and cache keys."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

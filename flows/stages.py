@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusion.storage import scrub
+from flows.storage import scrub
 
 SUPERVISOR = Path(__file__).with_name("supervise.py")
 PROGRESS_EVERY_S = 30.0  # a progress bar (a line ended by \r) is logged at most this often

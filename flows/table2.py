@@ -12,9 +12,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from diffusion.storage import S3Location
 from flows.results import result_storage
 from flows.scale import Scale, scale_overrides, table_runs
+from flows.storage import S3Location
 from flows.tasks import dvc_push, prepare_workspace, publish, run_stages
 from flows.workspace import read_params, repo_root, workspace_name
 

@@ -21,7 +21,6 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.tasks import exponential_backoff
 
-from diffusion.storage import S3Location, StorageError, upload_files
 from flows.stages import (
     InfrastructureError,
     StageError,
@@ -35,6 +34,7 @@ from flows.stages import (
     subprocess_env,
     thread_env,
 )
+from flows.storage import S3Location, StorageError, upload_files
 from flows.workspace import sync_workspace
 
 RETRIES = 2  # after the first attempt; only for infrastructure failures

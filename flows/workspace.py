@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
-from flows.scale import absolute_roots, apply_overrides, fingerprint
+from diffusion.io import canonical_json
+from diffusion.typed import set_dotted
+from flows.scale import absolute_roots
 
 FLOWS_DIR = ".flows"  # gitignored: derived workspaces and local Prefect results
 OWNED = ("params.yaml", "dvc.lock", ".dvc/config", ".dvc/config.local")  # a derived workspace keeps its own
@@ -41,7 +43,7 @@ def workspace_name(scale: str, extra: Mapping[str, Any]) -> str:
     """`smoke`, or `smoke-<8 hex>` when extra overrides are applied on top of the scale's own."""
     if not extra:
         return scale
-    return f"{scale}-{hashlib.sha256(fingerprint(dict(extra)).encode()).hexdigest()[:8]}"
+    return f"{scale}-{hashlib.sha256(canonical_json(dict(extra)).encode()).hexdigest()[:8]}"
 
 
 def project_files(repo: Path) -> list[str]:
@@ -107,7 +109,7 @@ def sync_workspace(repo: Path, name: str, overrides: Mapping[str, Any]) -> Path:
         (ws / rel).unlink(missing_ok=True)
     _write_if_changed(manifest, json.dumps(files, indent=0))
     raw = read_params(repo)
-    params = apply_overrides(raw, absolute_roots(raw, repo) | dict(overrides))
+    params = set_dotted(raw, absolute_roots(raw, repo) | dict(overrides))
     _write_if_changed(ws / "params.yaml", yaml.safe_dump(params, sort_keys=False, width=120))
     config = (
         "# written by flows/workspace.py: a derived workspace without git, sharing the repository's cache\n"

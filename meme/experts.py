@@ -14,10 +14,8 @@ differ, possibly of the wrong noise level; and it would change the call every sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,37 +23,8 @@ from torch import Tensor, nn
 
 from diffusion.config import ScheduleConfig
 from diffusion.schedules import Schedule
+from diffusion.timesteps import interval_bounds
 from meme.iformer import split_channels
-
-
-def interval_bounds(count: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
-    """The N-1 inner boundaries t = n/N, n = 1..N-1, each the float nearest n/N (as the sampler builds its times)."""
-    return torch.tensor([n / count for n in range(1, count)], dtype=dtype, device=device)
-
-
-def owner(t: Tensor, count: int) -> Tensor:
-    """1-based expert owning each t: n with t in ((n-1)/N, n/N]; t = 0 belongs to expert 1. (B,) -> (B,) long."""
-    bounds = interval_bounds(count, t.dtype, t.device)
-    return 1 + (t[:, None] > bounds[None]).sum(dim=1)
-
-
-def draw_t(generator: torch.Generator, batch: int, n: int, count: int, p: float) -> Tensor:
-    """MEME's soft expert strategy: per example, with probability p a t uniform on expert n's interval
-    ((n-1)/N, n/N], otherwise a t uniform on [0, 1) (the whole range, own interval included). p = 1 is the hard
-    split. Draws two uniforms per example from `generator`, so the result is a pure function of its state."""
-    if not (1 <= n <= count and 0.0 <= p <= 1.0):
-        raise ValueError(f"expert {n} of {count} with specialisation probability {p}: need 1 <= n <= N, 0 <= p <= 1")
-    dev = generator.device
-    own = torch.rand(batch, generator=generator, device=dev) < p  # (B,) the coin
-    u = torch.rand(batch, generator=generator, device=dev)  # (B,) in [0, 1)
-    lo = torch.tensor((n - 1) / count, device=dev)
-    inside = torch.maximum((n - u) / count, torch.nextafter(lo, torch.ones_like(lo)))  # in (lo, n/N], never lo
-    return torch.where(own, inside, u)
-
-
-def expert_time_sampler(index: int, count: int, p: float) -> Callable[[torch.Generator, int], Tensor]:
-    """draw_t bound to one expert, in the (generator, batch) -> t form the training step calls."""
-    return partial(draw_t, n=index, count=count, p=p)
 
 
 def valid_ratios(dim: int, head_width: int) -> list[float]:
@@ -130,6 +99,14 @@ class MultiExpert(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.train_schedule = train_schedule
 
+    def feature_layers(self, gamma: Tensor) -> dict[str, nn.Module]:
+        """The feature layers (UNet.feature_layers) of the expert that owns the noise level `gamma`, which every
+        example must share."""
+        owner = self.route(gamma)
+        if not bool((owner == owner[0]).all()):
+            raise ValueError("a MEME router's feature maps come from one expert: give every example the same t")
+        return self.experts[int(owner[0])].feature_layers(gamma)
+
     def route(self, gamma: Tensor) -> Tensor:
         """0-based index of the expert owning each noise level: how many boundaries gamma_train(n/N), n = 1..N-1,
         gamma lies below. The boundaries are computed on gamma's device and in its dtype, by the same kernels that
@@ -159,34 +136,3 @@ class MultiExpert(nn.Module):
                     new_state = st.new_zeros((x_t.shape[0], *st.shape[1:]))
                 new_state[rows] = st
         return output, new_state
-
-
-def build_multi_expert(cfg: MultiExpertConfig) -> MultiExpert:
-    """A MultiExpert of freshly initialised experts (for weights loaded afterwards, or for counting its cost)."""
-    from diffusion.registry import build
-
-    cfg.validate()
-    return MultiExpert([build(c) for c in cfg.experts], Schedule(cfg.train_schedule), cfg)
-
-
-def expert_weight_files(expert_runs: Sequence[str], outputs: Path, use_ema: bool) -> list[Path]:
-    """outputs/<expert run>/train/(ema|model).safetensors for each expert, in interval order."""
-    name = "ema.safetensors" if use_ema else "model.safetensors"
-    return [Path(outputs) / run / "train" / name for run in expert_runs]
-
-
-def load_multi_expert(cfg: MultiExpertConfig, files: Sequence[Path], device: torch.device | str) -> MultiExpert:
-    """The router with expert n's weights from files[n - 1] (safetensors, no pickle)."""
-    from safetensors.torch import load_file
-
-    if len(files) != len(cfg.experts):
-        raise ValueError(f"{len(cfg.experts)} experts but {len(files)} weight files")
-    model = build_multi_expert(cfg)
-    for expert, path in zip(model.experts, files, strict=True):
-        expert.load_state_dict(load_file(str(path), device="cpu"))
-    return model.to(device).eval()
-
-
-def own_interval_rate(count: int, p: float) -> float:
-    """Probability that a soft-assignment draw lands in the expert's own interval: p + (1 - p) / N."""
-    return p + (1.0 - p) / count

@@ -8,10 +8,15 @@ published: ours are parameters (iformer_ratios), set by the rule in meme.experts
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
-from meme.experts import MultiExpertConfig, expert_ratios, falling_ratios
-from meme.unet import UNetConfig
+from torch import nn
+
+from diffusion.schedules import Schedule
+from meme.experts import MultiExpert, MultiExpertConfig, expert_ratios, falling_ratios
+from meme.unet import UNet, UNetConfig
 
 NUM_EXPERTS = 4  # MEME's N
 
@@ -122,6 +127,7 @@ PRESETS: dict[str, UNetConfig] = {
 MULTI_EXPERT = MultiExpertConfig(
     experts=(), train_schedule=None, data_shape=(32, 32), channels=1, num_classes=0, self_cond=False
 )
+ENSEMBLE = ("multi_expert", MULTI_EXPERT)  # (preset name, template) of a run that routes between expert runs
 
 # The paper's parameter counts beside ours (SPEC.md section 2, MEME Table 1 and the LDM config).
 PAPER_PARAMS: dict[str, str] = {
@@ -130,3 +136,17 @@ PAPER_PARAMS: dict[str, str] = {
     "iu_ldm_s": "82.9M (iU-Net)",
     **{f"meme_ldm_e{n}": "82.9M per expert" for n in range(1, NUM_EXPERTS + 1)},
 }
+
+
+def build(cfg: UNetConfig | MultiExpertConfig) -> nn.Module:
+    """The network of a resolved preset (diffusion.registry calls this); a router builds its experts."""
+    if isinstance(cfg, MultiExpertConfig):
+        cfg.validate()
+        return MultiExpert([build(c) for c in cfg.experts], Schedule(cfg.train_schedule), cfg)
+    return UNet(cfg)
+
+
+def load_experts(model: MultiExpert, state_dicts: Sequence[Mapping[str, Any]]) -> None:
+    """Expert n's trained weights from state_dicts[n - 1]."""
+    for expert, state in zip(model.experts, state_dicts, strict=True):
+        expert.load_state_dict(state)

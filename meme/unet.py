@@ -253,6 +253,13 @@ class UNet(nn.Module):
             ]
         return [self._attention(width)] if level in cfg.attention_levels else []
 
+    def feature_layers(self, gamma: Tensor | None = None) -> dict[str, nn.Module]:
+        """The blocks whose (B, C, H, W) outputs MEME's Fourier analysis reads, in depth order: encoder blocks, the
+        middle block, decoder blocks (the same at every noise level)."""
+        layers = {f"enc{i}": m for i, m in enumerate(self.encoder)}
+        layers["mid"] = self.middle
+        return layers | {f"dec{i}": m for i, m in enumerate(self.decoder)}
+
     def embed(self, gamma: Tensor, labels: Tensor | None) -> Tensor:
         emb = self.noise_embed(gamma)  # (B, 4 C)
         if self.class_embed is not None:

@@ -6,7 +6,12 @@ num_classes, and its train.self_cond_rate sets self_cond; the values here are ea
 
 from __future__ import annotations
 
-from rin.model import RINConfig
+from rin.model import RIN, RINConfig
+
+
+def build(cfg: RINConfig) -> RIN:
+    """The network of a resolved preset (diffusion.registry calls this)."""
+    return RIN(cfg)
 
 
 def _rin(**kw) -> RINConfig:

@@ -37,3 +37,18 @@ def with_key(raw: dict, path: str, value, delete: bool = False) -> dict:
         node[keys[-1]] = value
     return out
 
+
+
+def load_checked(raw: dict):
+    """What a stage does with params.yaml: parse it (diffusion.config), then let the registry check the model part."""
+    from diffusion import registry
+    from diffusion.config import parse_params
+
+    params = parse_params(raw)
+    registry.check(params)
+    return params
+
+
+def run_dirs(outputs, names) -> dict:
+    """The report stage's --runs pairs for a folder laid out like outputs/: name -> outputs/<name>."""
+    return {name: outputs / name for name in names}

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
+from diffusion.io import sha256_file
 from diffusion.metrics.fid import INCEPTION_SIZE, extract_features
-from diffusion.metrics.weights import sha256_file
 
 IS_NOT_AVAILABLE = (
     "not available: no Inception-v3 classifier weights (pass the path of a torchvision inception_v3 state dict, "

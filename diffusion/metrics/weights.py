@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusion.shards import sha256_file  # noqa: F401  (part of this module's API: tests and inception_score use it)
+from diffusion.errors import UserError
+from diffusion.io import sha256_file
 
 WEIGHTS_DIR_ENV = "RINMEME_WEIGHTS_DIR"  # cache folder override; default ~/.cache/rin-meme/weights
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/rin-meme/weights")
@@ -42,7 +43,7 @@ FID_LAYERS_DIGEST = "cd9ee7a5e3b98b2ff07025bf32e57b8a6efcfd1e6d2cf121b9b1a296f21
 ONLINE_FILENAME = "inception-2015-12-05-nvlabs.pt"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """A weights file is missing, cannot be fetched, or fails its hash check; the message says how to fix it."""
 
 

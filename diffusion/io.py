@@ -1,0 +1,98 @@
+"""Files the pipeline writes and checks: the one atomic write (temp file in the same folder, fsync, rename, fsync of
+the folder, ordinary permissions), JSON/text/npz on top of it, sha256 of bytes and files, fingerprints of settings,
+and moving stale folders aside instead of deleting them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FILE_MODE = 0o644  # world-readable, like files written with open() under the usual umask (mkstemp makes 0600)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write `data` through a temporary file in the same folder, fsync it, then rename it over `path`: a reader
+    sees the old file or the new one, never a part, and a crash leaves at most a hidden `.<name>.*.tmp`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, text.encode())
+
+
+def write_json(path: str | Path, data: Any, indent: int | None = 1) -> Path:
+    """JSON with a final newline, atomically."""
+    return write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def npz_bytes(**arrays: Any) -> bytes:
+    """np.savez of the arrays, as bytes (the same bytes np.savez writes to a file)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def write_npz(path: str | Path, **arrays: Any) -> str:
+    """np.savez atomically; returns the sha256 of the bytes written."""
+    data = npz_bytes(**arrays)
+    atomic_write(path, data)
+    return sha256_bytes(data)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """A stable text form of JSON-able data (sorted keys, no spaces), for names and cache keys."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(blob: Any) -> str:
+    """sha256 of JSON-able settings with sorted keys: what a checkpoint or a sample chunk must agree with."""
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to <name>.stale-<unix time> beside it (kept, never deleted) and return the new path."""
+    aside = path.with_name(f"{path.name}.stale-{int(time.time())}")
+    path.rename(aside)
+    return aside

@@ -1,0 +1,165 @@
+"""The evaluate stage: `python -m diffusion.cli evaluate RUN --samples NPZ --cost JSON --refstats NPZ --out DIR`.
+FID (Heusel et al. 2017; clean-fid preprocessing) of a run's samples against its dataset's cached reference features
+and, given classifier weights, the Inception Score; for video, FVD (Unterthiner et al. 2018) with the Kinetics-400 I3D.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.tarformat import DataError
+from diffusion.config import ConfigError, Params, ReferenceSet, RunConfig, load_params
+from diffusion.io import write_json
+from diffusion.metrics import fid as fidlib
+from diffusion.metrics import fvd as fvdlib
+from diffusion.metrics.features import (
+    FEATURE_BATCH_SIZE,
+    NOT_AVAILABLE,
+    feature_network_for,
+    feature_space,
+    timed_features,
+)
+from diffusion.metrics.inception_score import IS_NOT_AVAILABLE, compute_inception_score, load_is_classifier
+from diffusion.stages.common import parser
+
+log = logging.getLogger(__name__)
+
+
+def reference_set(params: Params, run: RunConfig) -> ReferenceSet:
+    """The dataset's cached reference set, checked against what the run's eval section asks for."""
+    ref = params.evaluation.references.get(run.dataset_name)
+    if ref is None:
+        raise ConfigError(f"params.yaml: evaluation.references has no entry for dataset {run.dataset_name!r} (used by "
+                          f"{run.params_key}); add `{run.dataset_name}: {{split: train, num_images: N}}`")
+    where = f"evaluation.references.{run.dataset_name}"
+    if run.eval.reference_split != ref.split:
+        raise ConfigError(f"params.yaml: {run.params_key}.eval.reference_split is {run.eval.reference_split!r} but "
+                          f"{where}.split is {ref.split!r}; make them agree")
+    if run.eval.num_reference > ref.num_images:
+        raise ConfigError(f"params.yaml: {run.params_key}.eval.num_reference {run.eval.num_reference} exceeds "
+                          f"{where}.num_images {ref.num_images}; lower the first or raise the second")
+    return ref
+
+
+def load_reference_features(path: Path, run: RunConfig) -> np.ndarray:
+    """The first run.eval.num_reference cached features (N, D) float64, after checking what the file holds."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no cached reference features; run `dvc repro refstats@{run.dataset_name}`")
+    with np.load(path, allow_pickle=False) as z:
+        meta = {k: z[k].item() for k in ("extractor", "dataset", "split", "resolution")}
+        feats = z["features"][: run.eval.num_reference].astype(np.float64)
+    expected = {"extractor": feature_space(run.dataset)[0], "dataset": run.dataset_name,
+                "split": run.eval.reference_split, "resolution": run.dataset.resolution}
+    for key, want in expected.items():
+        if meta[key] != want:
+            raise DataError(f"{path}: holds {key} {meta[key]!r}, run {run.name} needs {want!r}; delete the file and "
+                            f"run `dvc repro refstats@{run.dataset_name}`")
+    if len(feats) < run.eval.num_reference:
+        raise DataError(f"{path}: holds {len(feats)} images, {run.params_key}.eval.num_reference asks for "
+                        f"{run.eval.num_reference}; re-run refstats@{run.dataset_name}")
+    return feats
+
+
+def load_samples(path: Path, run: RunConfig) -> np.ndarray:
+    """arr_0 of the sample stage's npz: uint8 (N, H, W, C) at the dataset's resolution and channels, or
+    (N, T, H, W, C) clips for video."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no samples; run `dvc repro sample@{run.name}` first")
+    with np.load(path, allow_pickle=False) as z:
+        images = z["arr_0"]
+    ds = run.dataset
+    shape = ((ds.frames,) if ds.frames else ()) + (ds.resolution, ds.resolution, ds.channels)
+    if images.dtype != np.uint8 or images.shape[1:] != shape:
+        raise DataError(f"{path}: arr_0 is {images.dtype} {images.shape}, expected uint8 (N, "
+                        f"{', '.join(map(str, shape))}); re-run `dvc repro sample@{run.name}`")
+    if len(images) < 2:
+        raise DataError(f"{path}: {len(images)} sample(s); FID needs at least 2 (raise {run.params_key}."
+                        "sample.num_samples)")
+    return images
+
+
+def sample_fid(sample_feats: np.ndarray, ref_feats: np.ndarray) -> fidlib.FIDResult:
+    """clean-fid's sqrtm FID; the exact SVD route when either set has at most D images (singular covariance)."""
+    singular = min(len(sample_feats), len(ref_feats)) <= sample_feats.shape[1]
+    return fidlib.fid_from_features(sample_feats, ref_feats, method="svd" if singular else "sqrtm")
+
+
+def inception_score_fields(images: np.ndarray, run: RunConfig) -> dict[str, Any]:
+    """IS mean, std and classifier name, or "not available" with the reason when no classifier is configured."""
+    classifier = load_is_classifier(run.eval.is_classifier)
+    if classifier is None:
+        return {"inception_score": NOT_AVAILABLE, "inception_score_note": IS_NOT_AVAILABLE}
+    if run.eval.is_splits > len(images):
+        raise ConfigError(f"params.yaml: {run.params_key}.eval.is_splits {run.eval.is_splits} exceeds the "
+                          f"{len(images)} samples")
+    result = compute_inception_score(images, classifier, splits=run.eval.is_splits, batch_size=FEATURE_BATCH_SIZE)
+    return {"inception_score": result.mean, "inception_score_std": result.std,
+            "inception_score_classifier": result.classifier}
+
+
+def model_cost(path: Path) -> dict[str, Any]:
+    """The sampled network's parameters and GFLOPs per call, as the sample stage counted them (its cost.json)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no model cost; re-run the sample stage, which writes it beside samples.npz")
+    cost = json.loads(path.read_text())
+    return {"model_params": cost["model_params"], "gflops_per_image": cost["gflops_per_image"]}
+
+
+def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: Path, ref_path: Path, out_dir: Path,
+                 net: torch.nn.Module | None = None) -> dict[str, Any]:
+    """The evaluate stage: metrics.json with FID (FVD for video), how it was computed, IS (or "not available") and
+    model cost."""
+    start = time.perf_counter()
+    images = load_samples(samples_path, run)
+    reference_set(params, run)
+    ref_feats = load_reference_features(ref_path, run)
+    feats, rate = timed_features(images, net or feature_network_for(run.dataset), desc=f"sample features {run.name}")
+    extractor, network, sha = feature_space(run.dataset)
+    if run.dataset.frames:
+        result = fvdlib.fvd_from_features(feats, ref_feats)
+        score = {"fvd": result.fvd, "fvd_method": result.method, "singular": result.singular,
+                 "frames": run.dataset.frames, "context_frames": run.diffusion.context_frames,
+                 "inception_score": NOT_AVAILABLE, "inception_score_note": "video IS needs a C3D/UCF-101 classifier, "
+                 "which has no offline weights here"}
+    else:
+        result = sample_fid(feats, ref_feats)
+        score = {"fid": result.fid, "fid_method": result.method, "singular": result.singular,
+                 **inception_score_fields(images, run)}
+    cost = model_cost(cost_path)
+    metrics = {
+        "run": run.name, "dataset": run.dataset_name, "resolution": run.dataset.resolution, **score,
+        "num_samples": result.n1, "num_reference": result.n2, "reference_split": run.eval.reference_split,
+        "reference_file": str(ref_path), "sampler": run.sample.sampler, "sampling_steps": run.sample.steps,
+        "feature_network": network, "feature_extractor": extractor, "feature_network_sha256": sha,
+        **cost,
+        "feature_images_per_s": rate, "seconds": time.perf_counter() - start,
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("evaluate", __doc__)
+    p.add_argument("run", help="a run name from params.yaml (runs or ensembles)")
+    p.add_argument("--samples", required=True, help="the sample stage's npz (outputs/<run>/samples/samples.npz)")
+    p.add_argument("--cost", required=True, help="the sample stage's cost.json (outputs/<run>/samples/cost.json)")
+    p.add_argument("--refstats", required=True, help="the dataset's reference features (data/refstats/<dataset>.npz)")
+    p.add_argument("--out", required=True, help="the eval folder: writes <out>/metrics.json (outputs/<run>/eval)")
+    args = p.parse_args(argv)
+    params = load_params(args.params)
+    run = params.run(args.run)
+    out = Path(args.out)
+    m = evaluate_run(params, run, Path(args.samples), Path(args.cost), Path(args.refstats), out)
+    metric = "FVD" if "fvd" in m else "FID"
+    flag = f" (singular covariance: exact SVD {metric})" if m["singular"] else ""
+    print(f"{run.name}: {metric} {m[metric.lower()]:.3f} from {m['num_samples']} samples vs {m['num_reference']} "
+          f"{m['reference_split']} references{flag}; IS {m['inception_score']} -> {out / 'metrics.json'}")
+    return 0

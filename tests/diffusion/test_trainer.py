@@ -1,0 +1,181 @@
+"""Training: a tiny RIN overfits real images; LR schedule; LAMB; NaN guard; exact resume; checkpoints."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.batches import ArrayBatches, pad_to
+from data.readers import load_idx_split
+from diffusion import checkpoint
+from diffusion.config import ScheduleConfig, load_params
+from diffusion.distributed import Dist
+from diffusion.objectives import NoiseDraw, diffusion_loss
+from diffusion.optim import Lamb, lr_factor
+from diffusion.schedules import Schedule
+from diffusion.trainer import TrainingDiverged, train_step
+from tests.helpers import tiny_rin
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def real_batch(n: int) -> torch.Tensor:
+    if not FMNIST.exists():
+        pytest.skip("Fashion-MNIST idx files not installed (apt-get install dataset-fashion-mnist)")
+    images, _ = load_idx_split(FMNIST, "test")
+    x = torch.from_numpy(pad_to(images[:n], 32)).float()[:, None] / 127.5 - 1
+    return x  # (n, 1, 32, 32) in [-1, 1]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("lamb", marks=pytest.mark.slow)])
+def test_tiny_rin_overfits_a_real_batch(optimizer):
+    torch.manual_seed(0)
+    x0 = real_batch(8)
+    model = tiny_rin()
+    sched = Schedule(ScheduleConfig("sigmoid", -3, 3, 0.9))
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3) if optimizer == "adamw" else Lamb(params, lr=2e-2)
+    noise = NoiseDraw.draw(torch.Generator().manual_seed(0), x0.shape)  # the same draws every step: memorisable
+
+    def loss_fixed_noise():
+        return diffusion_loss(model, x0, None, sched, "eps", 0.5, noise).mean()
+
+    with torch.no_grad():
+        first = loss_fixed_noise().item()
+    for _ in range(200):
+        loss = loss_fixed_noise()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        last = loss_fixed_noise().item()
+    assert last < first / 10, (first, last)
+
+
+def test_lr_warmup_then_cosine():
+    cfg = load_params().run("rin_fmnist").train
+    assert lr_factor(0, cfg) == pytest.approx(1 / cfg.warmup_steps)
+    assert lr_factor(cfg.warmup_steps - 1, cfg) == pytest.approx(1.0)
+    mid = cfg.warmup_steps + (cfg.steps - cfg.warmup_steps) // 2
+    assert lr_factor(mid, cfg) == pytest.approx(0.5, abs=0.01)
+    assert lr_factor(cfg.steps, cfg) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_lamb_trust_ratio_scales_update_to_weight_norm():
+    w = torch.nn.Parameter(torch.full((4, 4), 2.0))  # ||w|| = 8
+    opt = Lamb([w], lr=0.1)
+    w.grad = torch.ones(4, 4) * 1e-3
+    opt.step()
+    # Adam's first update is sign(grad) with norm 4; the trust ratio 8/4 makes the step lr * ||w|| = 0.8 in norm.
+    assert (torch.full((4, 4), 2.0) - w.detach()).norm().item() == pytest.approx(0.8, rel=1e-4)
+
+
+def test_nan_loss_stops_with_clear_error():
+    run = load_params().run("rin_fmnist")
+    model = tiny_rin()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = (torch.full((2, 1, 32, 32), math.nan), torch.zeros(2, dtype=torch.long))
+    noise = NoiseDraw.draw(torch.Generator().manual_seed(0), (2, 1, 32, 32))
+    with pytest.raises(TrainingDiverged, match="loss nan"):
+        train_step(model, bad, noise, opt, run, Schedule(run.diffusion.train_schedule), CPU)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights untouched
+
+
+def test_array_batches_epochs_and_rank_slices():
+    images = np.arange(10 * 4 * 4, dtype=np.uint8).reshape(10, 4, 4)
+    labels = np.arange(10)
+    src = ArrayBatches(images, labels, 4, seed=0, random_flip=True)
+    x1, y1 = src.batch(0)
+    y2 = src.batch(1)[1]
+    assert x1.shape == (4, 1, 4, 4) and x1.min() >= -1 and x1.max() <= 1
+    assert len(set(torch.cat([y1, y2]).tolist())) == 8  # within an epoch no image repeats
+    assert torch.equal(src.batch(5)[0], ArrayBatches(images, labels, 4, 0, True).batch(5)[0])  # pure in step
+    halves = [src.batch(3, rank=r, world_size=2) for r in range(2)]
+    whole = src.batch(3)
+    assert torch.equal(torch.cat([h[0] for h in halves]), whole[0])
+    assert torch.equal(torch.cat([h[1] for h in halves]), whole[1])
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    model = tiny_rin()
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 1, 32, 32), torch.rand(2))[0].sum().backward()
+    opt.step()
+    path = checkpoint.save(tmp_path, 7, model, ema, opt, extra={"note": "x"})
+    assert checkpoint.latest(tmp_path) == path
+    fresh, fresh_ema = tiny_rin(), torch.optim.swa_utils.AveragedModel(tiny_rin())
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    state = checkpoint.load(path, fresh, fresh_ema, fresh_opt)
+    assert state["step"] == 7 and state["note"] == "x"
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    s0, s1 = opt.state_dict()["state"][0], fresh_opt.state_dict()["state"][0]
+    assert torch.equal(s0["exp_avg_sq"], s1["exp_avg_sq"]) and torch.equal(s0["step"], s1["step"])
+    with (path / "model.safetensors").open("r+b") as fh:  # flip one byte
+        fh.seek(-1, 2)
+        last = fh.read(1)
+        fh.seek(-1, 2)
+        fh.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors: sha256 .* does not match"):
+        checkpoint.load(path, fresh, fresh_ema, fresh_opt)
+
+
+def test_preview_grid_is_a_loggable_image(tmp_path):
+    import dataclasses
+
+    from dvclive import Live
+
+    from diffusion.trainer import Trainer
+
+    run = load_params().run("rin_fmnist")
+    run = dataclasses.replace(run, model=dataclasses.replace(run.model, preset="rin_tiny"),
+                              sample=dataclasses.replace(run.sample, steps=2))
+    trainer = Trainer(run, tmp_path, CPU)
+    image = trainer.preview(n=4)
+    assert image.dtype == np.uint8 and image.ndim == 2  # grayscale: (H, W), which PIL and dvclive accept
+    with Live(dir=str(tmp_path / "live"), save_dvc_exp=False, dvcyaml=False) as live:
+        live.log_image("preview/x.png", image)
+    assert (tmp_path / "live" / "plots" / "images" / "preview" / "x.png").stat().st_size > 0
+
+
+def test_ema_warms_up_then_tracks_with_its_decay():
+    from torch.optim.swa_utils import AveragedModel
+
+    from diffusion.trainer import ema_update
+
+    w = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(w.weight)
+    ema = AveragedModel(w, multi_avg_fn=ema_update(0.99), use_buffers=True)
+    with torch.no_grad():
+        w.weight.fill_(1.0)
+    ema.update_parameters(w)  # n=0 copies
+    ema.update_parameters(w)  # n=1: decay (1+1)/(10+1)
+    assert ema.module.weight.item() == pytest.approx(1.0)
+    with torch.no_grad():
+        w.weight.fill_(0.0)
+    for _ in range(200):
+        ema.update_parameters(w)  # decay reaches 0.99 after ~890 updates: still warming up here
+    n = ema.n_averaged.item()
+    expected = 1.0
+    for k in range(n - 200, n):
+        expected *= min(0.99, (1 + k) / (10 + k))
+    assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_live_metrics_are_trimmed_to_the_checkpoint_or_moved_aside(tmp_path):
+    from diffusion.trainer import align_live
+
+    tsv = tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("timestamp\tstep\tloss\n" + "".join(f"{100 + s}\t{s}\t0.{s}\n" for s in (2, 4, 6, 8, 10, 12)))
+    align_live(tmp_path / "live", 8)  # a session killed at step 12 resumes from its checkpoint at 8
+    assert [r.split("\t")[1] for r in tsv.read_text().splitlines()[1:]] == ["2", "4", "6", "8"]
+    align_live(tmp_path / "live", 0)  # a run that starts over keeps the old curves aside
+    assert not (tmp_path / "live").exists()
+    [aside] = tmp_path.glob("live.stale-*")
+    assert (aside / "plots" / "metrics" / "train" / "loss.tsv").read_text().count("\n") == 5

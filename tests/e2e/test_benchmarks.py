@@ -1,0 +1,59 @@
+"""benchmarks/ab_loss.py: arms parse as dotted overrides, and the pairing holds (an arm repeated scores the same)."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmarks.ab_loss import arm_run, parse_arm
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_arms_parse_dotted_overrides_with_list_values():
+    assert parse_arm("base") == ("base", {})
+    name, over = parse_arm("p2=model.overrides.patch=[2,2],train.steps=750,train.lr=1e-3")
+    assert name == "p2"
+    assert over == {"model.overrides.patch": [2, 2], "train.steps": 750, "train.lr": 1e-3}
+    with pytest.raises(SystemExit, match="not key=value"):
+        parse_arm("bad=train.lr")
+
+
+def test_an_arm_adds_to_the_runs_model_overrides():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    base = arm_run(raw, "rin_fmnist", {}, 10)
+    _, over = parse_arm("lat=model.overrides.num_latents=64")
+    arm = arm_run(raw, "rin_fmnist", over, 10)
+    assert base.model.overrides["interface_dim"] == 192  # the run's own override ...
+    assert arm.model.overrides == base.model.overrides | {"num_latents": 64}  # ... is kept beside the arm's
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="needs Fashion-MNIST")
+def test_a_repeated_arm_scores_the_same_and_a_changed_one_differs(tmp_path):
+    from data.prepare import write_dataset_shards
+    from diffusion.config import load_params
+
+    cfg = dataclasses.replace(load_params(REPO / "params.yaml").datasets["fashion_mnist"], max_samples=128,
+                              shard_size=64)
+    write_dataset_shards(cfg, "fashion_mnist", tmp_path / "shards")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["runs"] = {"tiny": {"dataset": "fashion_mnist", "model": {"family": "rin", "preset": "rin_tiny"},
+                            "diffusion": {}, "eval": {},
+                            "sample": {},
+                            "train": {"batch_size": 8, "optimizer": "adamw", "lr": 1e-3, "warmup_steps": 1,
+                                      "precision": "fp32", "log_every": 1, "data": "memory"}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "ab.json"
+    cmd = [sys.executable, "benchmarks/ab_loss.py", "tiny", "--steps", "3", "--images", "16", "--threads", "1",
+           "--params", str(tmp_path / "params.yaml"), "--shards", str(tmp_path / "shards"), "--out", str(out),
+           "--arm", "a", "--arm", "again", "--arm", "lr=train.lr=3e-3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arms = {a["arm"]: a for a in json.loads(out.read_text())["arms"]}
+    assert arms["a"]["test_loss"] == arms["again"]["test_loss"]
+    assert arms["a"]["test_loss"] != arms["lr"]["test_loss"]
+    assert set(arms["a"]["test_loss"]) == {"0.99", "0.9", "0.5", "0.1", "0.01"} and arms["lr"]["steps"] == 3
