@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,12 +19,12 @@ from typing import Any
 import safetensors.torch
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffusion import registry
 from diffusion.config import AutoencoderConfig, RunConfig
 from diffusion.errors import UserError
-from diffusion.io import atomic_write, sha256_file, write_text
+from diffusion.io import atomic_write, fsync_dir, fsync_file, sha256_file, write_text
 
 MANIFEST = "manifest.json"
 AUTOENCODER_FILE = "autoencoder.safetensors"  # a latent dataset's autoencoder, inside its shard folder
@@ -64,18 +65,22 @@ def save(root: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, op
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:08d}."))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
     opt_tensors, opt_rest = flatten_optimizer(optimizer.state_dict())
     meta = {"step": str(step)}
     for name, module in (("model", model), ("ema", ema)):
-        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(tensors, tmp / f"{name}.safetensors", meta)
-    save_file(opt_tensors, tmp / "optimizer.safetensors", meta)
+        (tmp / f"{name}.safetensors").write_bytes(safetensors_bytes(module.state_dict(), meta))
+    (tmp / "optimizer.safetensors").write_bytes(safetensors_bytes(opt_tensors, meta))
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_rest, **(extra or {})}, indent=1))
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "sha256": files}, indent=1))
+    for path in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        fsync_file(path)
+    fsync_dir(tmp)
     if final.exists():  # a stale copy of the same step (e.g. from a run killed after the rename)
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_dir(root)
     write_text(root / "latest", final.name + "\n")
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -116,9 +121,23 @@ def load(path: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: to
     return state
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+    """safetensors.torch.save with its `__metadata__` keys in sorted order: the library writes them in a per-process
+    random order, so identical weights would hash differently (and redraw every sample chunk keyed on the hash)."""
+    data = safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size], object_pairs_hook=dict)
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > size:  # same keys and values in another order: the length cannot change
+        raise AssertionError("safetensors header grew when its metadata was sorted")
+    return data[:8] + text.ljust(size, b" ") + data[8 + size :]
+
+
 def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """A safetensors file written atomically."""
-    atomic_write(path, safetensors.torch.save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata))
+    """A safetensors file written atomically, byte-for-byte the same for the same tensors and metadata."""
+    atomic_write(path, safetensors_bytes(tensors, metadata))
 
 
 def weight_file(train_dir: Path, use_ema: bool) -> Path:

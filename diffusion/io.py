@@ -26,24 +26,35 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def publish(tmp: str | Path, path: str | Path) -> Path:
+    """Move a finished temporary file of the same folder over `path`: fsync it, make it world-readable, rename it,
+    fsync the folder. For files streamed to disk and checked before they become visible (downloads, weights)."""
+    path = Path(path)
+    fsync_file(tmp)
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
 def atomic_write(path: str | Path, data: bytes) -> Path:
-    """Write `data` through a temporary file in the same folder, fsync it, then rename it over `path`: a reader
-    sees the old file or the new one, never a part, and a crash leaves at most a hidden `.<name>.*.tmp`."""
+    """Write `data` through a temporary file in the same folder and `publish` it: a reader sees the old file or the
+    new one, never a part, and a crash leaves at most a hidden `.<name>.*.tmp`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        return publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
-    return path
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from diffusion.config import Params, parse_params
 from diffusion.typed import ConfigError
 
 Scale = Literal["paper", "smoke"]
@@ -43,51 +44,48 @@ class OverrideError(ConfigError):
 
 
 def table_runs(raw: Mapping[str, Any], table: str) -> list[str]:
-    """Runs whose evaluation.report entry places them in `table` (e.g. rin_table2), in params.yaml order."""
+    """Runs whose evaluation.report entry places them in `table` (e.g. rin_table2), in params.yaml order. It reads
+    the YAML data, not the typed config: a flow also drives DVC projects of other shapes (tests/conftest.py's toy)."""
     report = raw.get("evaluation", {}).get("report", {}) or {}
     return [name for name in raw.get("runs", {}) if (report.get(name) or {}).get("table") == table]
 
 
-def smoke_overrides(raw: Mapping[str, Any]) -> dict[str, Any]:
+def smoke_overrides(params: Params) -> dict[str, Any]:
     """Dotted overrides that shrink every run, expert and ensemble (the report stage reads them all), their datasets,
     reference sets and autoencoders to smoke scale."""
     out: dict[str, Any] = {}
-    datasets = raw.get("datasets") or {}
-    references = (raw.get("evaluation") or {}).get("references") or {}
-    report = (raw.get("evaluation") or {}).get("report") or {}
-    for section in RUN_SECTIONS:
-        for name, entry in (raw.get(section) or {}).items():
-            key, dataset = f"{section}.{name}", entry.get("dataset")
-            video = bool((datasets.get(dataset) or {}).get("frames"))
-            family = (entry.get("model") or {}).get("family")
-            if section != "ensembles":
-                out |= {f"{key}.{k}": v for k, v in SMOKE_TRAIN.items()}
-                if (family, video) in SMOKE_TINY_PRESET:
-                    out[f"{key}.model.preset"] = SMOKE_TINY_PRESET[family, video]
-                    out[f"{key}.model.overrides"] = {}  # widths written for the full preset would undo the shrink
-            if section != "experts":
-                n = SMOKE_SAMPLES[video]
-                out |= {f"{key}.sample.steps": SMOKE_SAMPLE_STEPS, f"{key}.sample.num_samples": n,
-                        f"{key}.sample.batch_size": n, f"{key}.eval.num_reference": n}  # fmt: skip
-                if dataset in references:
-                    out[f"evaluation.references.{dataset}.num_images"] = n
-            if name in report:
-                out[f"evaluation.report.{name}.scale"] = SMOKE_LABEL
-            out |= {f"datasets.{dataset}.{k}": v for k, v in SMOKE_DATASET.items() if dataset in datasets}
-    for name, autoencoder in (raw.get("autoencoders") or {}).items():
-        if autoencoder.get("steps"):
+    references, report = params.evaluation.references, params.evaluation.report
+    for name, run in params.all_runs.items():
+        key, dataset, video = run.params_key, run.dataset_name, bool(run.dataset.frames)
+        if run.section != "ensembles":
+            out |= {f"{key}.{k}": v for k, v in SMOKE_TRAIN.items()}
+            if (run.model.family, video) in SMOKE_TINY_PRESET:
+                out[f"{key}.model.preset"] = SMOKE_TINY_PRESET[run.model.family, video]
+                out[f"{key}.model.overrides"] = {}  # widths written for the full preset would undo the shrink
+        if run.section != "experts":
+            n = SMOKE_SAMPLES[video]
+            out |= {f"{key}.sample.steps": SMOKE_SAMPLE_STEPS, f"{key}.sample.num_samples": n,
+                    f"{key}.sample.batch_size": n, f"{key}.eval.num_reference": n}  # fmt: skip
+            if dataset in references:
+                out[f"evaluation.references.{dataset}.num_images"] = n
+        if name in report:
+            out[f"evaluation.report.{name}.scale"] = SMOKE_LABEL
+        out |= {f"datasets.{dataset}.{k}": v for k, v in SMOKE_DATASET.items()}
+    for name, autoencoder in params.autoencoders.items():
+        if autoencoder.steps:
             out |= {f"autoencoders.{name}.{k}": v for k, v in SMOKE_AUTOENCODER.items()}
-        for dataset in (autoencoder.get("dataset"), name):
-            out |= {f"datasets.{dataset}.{k}": v for k, v in SMOKE_DATASET.items() if dataset in datasets}
-    if "fourier" in (raw.get("evaluation") or {}):
+        for dataset in (autoencoder.dataset, name):
+            out |= {f"datasets.{dataset}.{k}": v for k, v in SMOKE_DATASET.items()}
+    if params.evaluation.fourier is not None:
         out["evaluation.fourier.num_images"] = SMOKE_FOURIER_IMAGES
     return out
 
 
 def scale_overrides(raw: Mapping[str, Any], scale: str) -> dict[str, Any]:
+    """The dotted overrides of a scale for the params.yaml data `raw` (read through the typed config)."""
     if scale not in SCALES:
         raise OverrideError(f"scale must be one of {list(SCALES)}, got {scale!r}")
-    return smoke_overrides(raw) if scale == "smoke" else {}
+    return smoke_overrides(parse_params(raw)) if scale == "smoke" else {}
 
 
 def absolute_roots(raw: Mapping[str, Any], repo: Path) -> dict[str, Any]:

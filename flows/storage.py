@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusion.io import sha256_file
+from diffusion.io import publish, sha256_file
 
 S3_URL_ENV = "RINMEME_S3_URL"  # s3://bucket/prefix: where artifacts, DVC's remote and Prefect's results go
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # botocore's own variables, S3-specific first
@@ -237,8 +237,7 @@ def download_file(loc: S3Location, key: str, dest: Path, s3: Any | None = None) 
                 f"is corrupt; {dest} was left as it was",
                 transient=True,
             )
-        os.replace(tmp, dest)
-        return dest
+        return publish(tmp, dest)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

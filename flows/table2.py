@@ -46,7 +46,7 @@ def run_table(
         publish(str(workspace), list(stages), name)
         if workspace == repo and _has_dvc_remote(repo):
             dvc_push(str(workspace), list(stages))
-    report = workspace / "outputs" / "report" / "report.md"
+    report = _report_folder(workspace) / "report.md"
     if report.exists():
         create_markdown_artifact(
             key=f"{table.replace('_', '-')}-{scale}",
@@ -54,6 +54,15 @@ def run_table(
             description=f"{table} at {scale} scale ({workspace})",
         )
     return {"workspace": str(workspace), "runs": runs, "report": str(report), "stages": stages}
+
+
+def _report_folder(workspace: Path) -> Path:
+    """The `report` stage's output folder, as dvc.yaml names it (the only place paths are written)."""
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as r:
+        (stage,) = [s for s in r.index.stages if s.name == "report"]
+        return Path(stage.outs[0].fs_path)
 
 
 def _has_dvc_remote(repo: Path) -> bool:

