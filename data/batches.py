@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from data.loader import loader_from_config
+from data.loader import load_manifest, loader_from_config
 from data.tarformat import DataError
-from diffusion.config import DatasetConfig, TrainConfig
+from diffusion.config import ConfigError, DatasetConfig, TrainConfig
 from diffusion.images import to_uint8_nhwc, to_unit_range
 
 
@@ -41,7 +41,8 @@ class ArrayBatches:
         self.images = x[:, None] if x.dim() == 3 else x.movedim(-1, 1)  # (N, C, [T,] H, W) uint8
         self.labels = torch.from_numpy(np.asarray(labels)).long()
         if batch_size > len(self.images):
-            raise ValueError(f"batch_size {batch_size} exceeds the {len(self.images)} training images")
+            raise ConfigError(f"train.batch_size {batch_size} exceeds the {len(self.images)} training samples in "
+                              "memory; lower train.batch_size")
         self.batch_size, self.seed, self.random_flip = batch_size, seed, random_flip
         self.per_epoch = len(self.images) // batch_size
         self._perm: tuple[int, Tensor] | None = None
@@ -54,7 +55,7 @@ class ArrayBatches:
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
         if self.batch_size % world_size:
-            raise ValueError(f"train.batch_size {self.batch_size} must be divisible by the {world_size} processes")
+            raise ConfigError(f"train.batch_size {self.batch_size} must be divisible by the {world_size} processes")
         epoch, i = divmod(step, self.per_epoch)
         idx = self._order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
         local = self.batch_size // world_size
@@ -97,7 +98,7 @@ class StreamBatches:
         if self._it is None:
             t = self.train
             if t.batch_size % world_size:
-                raise ValueError(f"train.batch_size {t.batch_size} must be divisible by {world_size}")
+                raise ConfigError(f"train.batch_size {t.batch_size} must be divisible by the {world_size} processes")
             loader = loader_from_config(self.dataset, self.root, "train", t.batch_size // world_size, train=True,
                                         rank=rank, world_size=world_size, num_workers=t.num_workers,
                                         seed=t.seed * 100_003 + step)
@@ -110,4 +111,8 @@ def training_source(dataset: DatasetConfig, train: TrainConfig, shard_root: str 
     if train.data == "memory":
         images, labels = read_split(dataset, shard_root, "train")
         return ArrayBatches(images, labels, train.batch_size, train.seed, dataset.random_flip)
+    available = load_manifest(shard_root, "train")["num_samples"]
+    if train.batch_size > available:  # a stream would grow its buffers waiting for a batch it can never fill
+        raise ConfigError(f"train.batch_size {train.batch_size} exceeds the {available} training samples of "
+                          f"{shard_root}/train; lower train.batch_size")
     return StreamBatches(dataset, train, shard_root)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from data.tarformat import FORMAT, MANIFEST, DataError, ManifestMismatch, decode_png, iter_tar_samples, sample_shape
 from diffusion.config import DatasetConfig
-from diffusion.io import sha256_bytes
+from diffusion.io import s3_endpoint, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def s3_filesystem() -> Any:
     """fsspec's S3 filesystem; endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, moto), standard creds."""
     import fsspec
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     return fsspec.filesystem("s3", **({"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}))
 
 
@@ -68,8 +67,9 @@ def load_manifest(shard_root: str | Path, split: str) -> dict[str, Any]:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{url}: not a JSON manifest ({err}); re-write the shards") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{url}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}; re-write the shards")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{url}: manifest format {found!r}, expected {FORMAT!r}; re-write the shards")
     return manifest
 
 
@@ -140,8 +140,9 @@ def _expand_shards(shards: Iterator[ShardRef], verify: bool, skip_corrupt: bool,
                 count, last = count + 1, sample["__key__"]
                 yield sample
             if count != shard.num_samples:
+                what = "truncated: fewer" if count < shard.num_samples else "more samples than the manifest lists"
                 raise DataError(f"shard {shard.url}: ends after key {last!r} with {count} of the manifest's "
-                                f"{shard.num_samples} samples (truncated); re-write or restore it")
+                                f"{shard.num_samples} samples ({what}); re-write or restore it")
         except DataError as err:
             if not skip_corrupt:
                 raise
@@ -166,9 +167,10 @@ def _decode(samples: Iterator[dict], manifest: dict[str, Any], flip: bool, skip_
             label = int(sample["cls"])
         except Exception as err:  # KeyError (member missing), PIL errors, bad shapes, a non-integer label
             message = (f"shard {sample['__url__']}: key {sample['__key__']}: corrupt sample "
-                       f"({type(err).__name__}: {err}); re-write the shard or pass skip_corrupt=True")
+                       f"({type(err).__name__}: {err})")
             if not skip_corrupt:
-                raise DataError(message) from err
+                raise DataError(f"{message}; re-write the shard, or set datasets.<name>.skip_corrupt: true to skip "
+                                "and count such samples") from err
             _skip(stats, message, 1)
             continue
         x = array.transpose(array.ndim - 1, *range(array.ndim - 1))  # (C, H, W) or (C, T, H, W) uint8 view

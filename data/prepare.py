@@ -99,7 +99,8 @@ def write_split(cfg: DatasetConfig, name: str, split: str, units: Sequence[Unit]
                         break
             except DataError as err:
                 if not cfg.skip_corrupt:
-                    raise
+                    raise DataError(f"{err}; replace or delete it, or set datasets.{name}.skip_corrupt: true to skip "
+                                    "and count such inputs") from err
                 log.warning("skipping %s: %s", unit.ref, err)
                 skipped.append({"ref": unit.ref, "error": str(err)})
     except BaseException:
@@ -150,5 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = load_params(args.params)
     if args.dataset not in params.datasets:
         raise ConfigError(f"params.yaml: no dataset named {args.dataset!r}; datasets are {sorted(params.datasets)}")
-    write_dataset_shards(params.datasets[args.dataset], args.dataset, Path(args.out))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; pass the shard root dvc.yaml names")
+    write_dataset_shards(params.datasets[args.dataset], args.dataset, out)
     return 0

@@ -282,8 +282,7 @@ def read_image(path: Path, cfg: DatasetConfig) -> Iterator[tuple[str, np.ndarray
         with Image.open(path) as image:
             image = image.convert("RGB" if cfg.channels == 3 else "L")
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
-        raise DataError(f"{path}: unreadable image ({type(err).__name__}: {err}); replace or delete it, or set "
-                        "datasets.<name>.skip_corrupt: true to skip and count such files") from err
+        raise DataError(f"{path}: unreadable image ({type(err).__name__}: {err})") from err
     array = center_crop_arr(image, cfg.resolution)
     yield "", array[..., None] if array.ndim == 2 else array, {}
 

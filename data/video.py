@@ -46,8 +46,7 @@ def read_video_frames(path: Path, size: int, channels: int) -> np.ndarray:
             for frame in container.decode(stream):
                 frames.append(center_crop_arr(frame.to_image().convert(mode), size))
     except (av.FFmpegError, OSError) as err:
-        raise DataError(f"{path}: undecodable video ({type(err).__name__}: {err}); replace or delete it, or set "
-                        "datasets.<name>.skip_corrupt: true to skip and count such files") from err
+        raise DataError(f"{path}: undecodable video ({type(err).__name__}: {err})") from err
     if not frames:
         return np.zeros((0, size, size, channels), dtype=np.uint8)
     video = np.stack(frames)  # (N, size, size) or (N, size, size, 3)

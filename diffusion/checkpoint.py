@@ -8,10 +8,12 @@ naming the newest complete checkpoint. A checkpoint directory appears only once 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from diffusion.config import AutoencoderConfig, RunConfig
 from diffusion.errors import UserError
 from diffusion.io import atomic_write, fsync_dir, fsync_file, sha256_file, write_text
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 AUTOENCODER_FILE = "autoencoder.safetensors"  # a latent dataset's autoencoder, inside its shard folder
 
@@ -94,14 +97,41 @@ def latest(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def newest_intact(root: Path, move_damaged: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint under root whose files match their manifest, and its state.json; None if there is none.
+    A damaged newer one (truncated, corrupt, edited) is skipped with a warning and, with `move_damaged`, renamed to
+    damaged-<name>-<time> beside the others (kept, never deleted), so training falls back to the one before."""
+    done = sorted((p for p in root.glob("step-*") if (p / MANIFEST).exists()), reverse=True)
+    for path in done:
+        try:
+            verify(path)
+            state = json.loads((path / "state.json").read_text())
+            int(state["step"])
+            return path, state
+        except (CheckpointError, OSError, ValueError, KeyError, TypeError) as err:
+            aside = root / f"damaged-{path.name}-{int(time.time())}"
+            if move_damaged:
+                path.rename(aside)
+            log.warning("%s is damaged (%s); %s, falling back to the previous checkpoint", path, err,
+                        f"moved to {aside}" if move_damaged else "skipped")
+    return None
+
+
 def verify(path: Path) -> dict[str, Any]:
     """Check every file of a checkpoint against its manifest; returns the manifest."""
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(
             f"{path}: no {MANIFEST}; the checkpoint is incomplete, delete it to resume from an earlier one")
-    manifest = json.loads(manifest_path.read_text())
-    for name, digest in manifest["sha256"].items():
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["sha256"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: not a checkpoint manifest ({err}); delete this checkpoint directory "
+                              "to resume from an earlier one") from None
+    if set(files) != {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"}:
+        raise CheckpointError(f"{manifest_path}: lists {sorted(files)}, not a checkpoint's four files")
+    for name, digest in files.items():
         actual = sha256_file(path / name) if (path / name).exists() else "missing"
         if actual != digest:
             raise CheckpointError(f"{path / name}: sha256 {actual} does not match the manifest's {digest}; "
@@ -161,8 +191,18 @@ def load_trained(run: RunConfig, files: Sequence[Path], device: str | torch.devi
         if not Path(path).exists():
             raise CheckpointError(f"{path}: no trained weights; train that run first (dvc repro, or "
                                   f"`python -m diffusion.cli train RUN`)")
-    model = registry.with_weights(run, [load_file(str(p), device="cpu") for p in files])
+    model = registry.with_weights(run, [read_weights(Path(p)) for p in files], path_of=files)
     return model.to(device).eval()
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated, corrupt or non-safetensors file (a pickle, say) is a
+    CheckpointError naming it and the fix (nothing is unpickled)."""
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError); no pickle is ever read
+        raise CheckpointError(f"{path}: not a readable safetensors weights file ({type(err).__name__}: {err}); "
+                              "restore it (`dvc pull`, `dvc checkout`) or re-run the stage that wrote it") from None
 
 
 def load_first_stage(path: Path, cfg: AutoencoderConfig, channels: int):

@@ -4,6 +4,7 @@ fixes (diffusion.errors.UserError, missing files) print as `error: ...` and exit
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
@@ -44,6 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return importlib.import_module(STAGES[command]).main(rest)
     except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device ({err}); free some and run the command again: what was written "
+              "before is intact (every write is atomic) and the stage resumes from its checkpoints or chunks",
+              file=sys.stderr)
         return 2
 
 

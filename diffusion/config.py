@@ -9,6 +9,7 @@ loader rejects unknown keys, missing keys, wrong types and out-of-range values, 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import yaml
 from diffusion.typed import ConfigError, bounded, build_dataclass, deep_merge
 
 PARAMS_FILE = Path("params.yaml")
+MAX_SEED = 2**32 - 1  # seeds combine with step and image indices into 64-bit generator seeds: keep them in range
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class DatasetConfig:
     random_flip: bool  # horizontal flip at training time (the papers use it on natural images, not on digits)
     shard_size: int = bounded(ge=1)  # samples per shard tar; the last shard of a split holds the rest
     max_samples: int = bounded(ge=0)  # cap per split after the seeded shuffle; 0 = all (Moving-MNIST: one per digit)
-    seed: int = bounded(ge=0)  # write-time sample order and generated data (Moving-MNIST trajectories)
+    seed: int = bounded(ge=0, le=MAX_SEED)  # write-time sample order and generated data (Moving-MNIST trajectories)
     clip_stride: int = bounded(ge=1)  # video: frames between the starts of consecutive clips of one file
     skip_corrupt: bool  # skip and count unreadable inputs instead of stopping with an error naming them
     download: bool  # fetch missing mnist / fashion_mnist / cifar10 files through torchvision (needs a network)
@@ -97,7 +99,7 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = bounded(ge=0)
+    seed: int = bounded(ge=0, le=MAX_SEED)
     steps: int = bounded(ge=1)
     batch_size: int = bounded(ge=1)  # global batch, split across ranks
     optimizer: Literal["lamb", "adamw"]
@@ -130,7 +132,7 @@ class SampleConfig:
     td: float = bounded(ge=0)  # time-difference offset, in units of one step (pix2seq's `td`)
     num_samples: int = bounded(ge=1)
     batch_size: int = bounded(ge=1)
-    seed: int = bounded(ge=0)  # image i is drawn from seed + i
+    seed: int = bounded(ge=0, le=MAX_SEED)  # image i is drawn from seed + i
     use_ema: bool
 
 
@@ -165,7 +167,7 @@ class AutoencoderConfig:
     steps: int = bounded(ge=0)  # Adam steps on the train split (0 only with imported weights)
     batch_size: int = bounded(ge=1)
     lr: float = bounded(gt=0, le=1)
-    seed: int = bounded(ge=0)  # initial weights, batch order and the posterior noise
+    seed: int = bounded(ge=0, le=MAX_SEED)  # initial weights, batch order and the posterior noise
     log_every: int = bounded(ge=1)  # loss terms recorded in autoencoder.json every N steps
     weights: ImportedWeights | None  # trained weights of this architecture to use instead of training; null: train
 
@@ -244,7 +246,7 @@ class FourierConfig:
     t: tuple[float, ...]  # noise levels, as times of each run's training schedule (0: clean, 1: pure noise)
     split: Literal["train", "test"]  # where the real images come from (the first num_images in shard order)
     num_images: int = bounded(ge=1)
-    seed: int = bounded(ge=0)  # the noise added to the images (one draw, shared by every t and run)
+    seed: int = bounded(ge=0, le=MAX_SEED)  # the noise added to the images (one draw, shared by every t and run)
 
     def __post_init__(self) -> None:
         for i, t in enumerate(self.t):
@@ -382,6 +384,8 @@ def parse_run(section: Section, name: str, run_raw: Any, defaults: Mapping[str, 
         why = "; an expert is sampled only through its ensemble" if section == "experts" else ""
         raise ConfigError(f"params.yaml: unknown key {key}.{unknown[0]}; allowed: {list(allowed)}{why}")
     missing = [k for k in allowed if k not in run_raw]
+    if "dataset" in missing:
+        raise ConfigError(f"params.yaml: missing key {key}.dataset: name the run's dataset, one of {sorted(datasets)}")
     if missing:  # dvc.yaml lists <section>.<name>.<key> as stage params, so each must exist (`{}` is fine)
         raise ConfigError(f"params.yaml: missing key {key}.{missing[0]} (write `{missing[0]}: {{}}` to take the "
                           "defaults)")
@@ -411,6 +415,17 @@ def parse_run(section: Section, name: str, run_raw: Any, defaults: Mapping[str, 
     return run
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a run or dataset name: it becomes a folder name in dvc.yaml
+
+
+def check_name(section: str, name: Any) -> None:
+    """Run, expert, ensemble, dataset and autoencoder names become path components (outputs/<run>, data/shards/<name>):
+    letters, digits, `_`, `.` and `-`, starting with a letter or digit, so none can climb out of its folder."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"params.yaml: {section}: the name {name!r} is not allowed: names become folder names, so "
+                          "use letters, digits, '_', '.' and '-' (starting with a letter or digit, no '..')")
+
+
 def parse_params(raw: Mapping[str, Any]) -> Params:
     """Turn the parsed YAML into typed objects, validating everything (including model overrides)."""
     top = ("pipeline", "datasets", "autoencoders", "defaults", *RUN_SECTIONS, "evaluation")
@@ -423,6 +438,9 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
         if not isinstance(raw.get(key), Mapping):
             raise ConfigError(f"params.yaml: missing or malformed top-level section {key!r} (a mapping; `{key}: {{}}` "
                               "when empty)")
+    for section in ("datasets", "autoencoders", *RUN_SECTIONS):
+        for name in raw[section]:
+            check_name(section, name)
     datasets = {name: build_dataclass(DatasetConfig, d, f"datasets.{name}") for name, d in raw["datasets"].items()}
     pipeline = build_dataclass(PipelineConfig, raw["pipeline"], "pipeline")
     for i, name in enumerate(pipeline.datasets):
@@ -454,13 +472,47 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
                   **sections)
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (YAML's last-wins would hide a typo, and DVC
+    refuses such a file); keys that a `<<:` merge brings in may still be overridden beside it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}: line {line}: key {key!r} is written twice in one mapping (first at "
+                                  f"line {seen[key]}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """A YAML file as plain data, refusing duplicate keys, non-text files and anything but plain YAML tags."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such file; run from the repository root or pass --params PATH")
-    with path.open() as fh:
-        try:
-            raw = yaml.safe_load(fh)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(raw)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file; pass --params PATH naming a params.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); pass --params PATH naming a params.yaml") from None
+    loader = _StrictLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    return parse_params(load_yaml(path))

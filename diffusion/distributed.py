@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from diffusion.errors import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -27,12 +29,23 @@ class Dist:
         return self.world_size > 1
 
 
+class DeviceError(UserError):
+    """--device names no device this machine has."""
+
+
 def init(device: str = "auto") -> Dist:
-    """Join the process group torchrun describes in the environment (a no-op for a single process)."""
+    """Join the process group torchrun describes in the environment (a no-op for a single process). `device`: auto
+    (CUDA when present), cpu, or cuda; anything else, or cuda without a GPU, is a DeviceError."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"--device {device!r}: use auto (CUDA when present), cpu or cuda (each process takes the GPU "
+                          "of its LOCAL_RANK)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: no CUDA GPU is visible to this process (torch.cuda.is_available() is False); "
+                          "use --device cpu or auto")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

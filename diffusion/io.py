@@ -4,16 +4,23 @@ and moving stale folders aside instead of deleting them."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import time
+import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from diffusion.errors import UserError
 
 FILE_MODE = 0o644  # world-readable, like files written with open() under the usual umask (mkstemp makes 0600)
 
@@ -100,6 +107,62 @@ def canonical_json(obj: Any) -> str:
 def fingerprint(blob: Any) -> str:
     """sha256 of JSON-able settings with sorted keys: what a checkpoint or a sample chunk must agree with."""
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # botocore's own variables, S3-specific first
+
+
+class EndpointError(UserError):
+    """An S3 endpoint variable that is not an http(s) URL."""
+
+
+def s3_endpoint(env: Mapping[str, str] | None = None) -> str | None:
+    """The S3 endpoint from the standard variables (None: the provider's default), checked to be an http(s) URL and
+    with any user:password@ part removed (credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY only, and
+    must not end up in logs or saved blocks)."""
+    env = os.environ if env is None else env
+    name = next((n for n in ENDPOINT_ENVS if env.get(n)), None)
+    if name is None:
+        return None
+    url = urllib.parse.urlsplit(env[name].strip())
+    if url.scheme not in ("http", "https") or not url.hostname:
+        shown = mask_userinfo(env[name])
+        raise EndpointError(f"{name}={shown!r} is not an http(s) URL; write it with its scheme, e.g. "
+                            "http://127.0.0.1:9000 (MinIO) or https://s3.<region>.amazonaws.com")
+    netloc = url.hostname + (f":{url.port}" if url.port else "")
+    return urllib.parse.urlunsplit((url.scheme, netloc, url.path, url.query, url.fragment))
+
+
+def mask_userinfo(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://user:***@host` anywhere in text."""
+    return re.sub(r"(://[^/\s:@]*):[^/\s@]*@", r"\1:***@", text)
+
+
+class Busy(UserError):
+    """Another process holds the lock of a folder this process wants to write (e.g. the same run trained twice)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: Path, what: str):
+    """Hold an exclusive lock on <folder>/.lock while writing into folder; a second holder fails at once with Busy
+    naming the first's pid (the lock goes with its process, so a killed run never leaves a stale one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".lock", "a+")  # noqa: SIM115 (held open for the whole block)
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown"
+            raise Busy(f"{folder}: {what} is already running there (pid {holder}); wait for it to finish or stop it "
+                       "(it resumes from its checkpoints)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
 
 
 def move_aside(path: Path) -> Path:

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from diffusion.config import AutoencoderConfig, ConfigError, DatasetConfig, Params, RunConfig, load_params
-from diffusion.typed import convert
+from diffusion.typed import check_ranges, convert
 
 FAMILIES = ("rin", "meme")  # model packages; a new family is a package with presets.py and an entry here
 FIRST_STAGE_FAMILY = "meme"  # the package that holds the latent datasets' autoencoder (meme/autoencoder.py)
@@ -94,6 +94,7 @@ def resolve_model(run: RunConfig) -> typing.Any:
         self_cond=run.train.self_cond_rate > 0,
     )
     cfg = apply_overrides(cfg, run.model.overrides, f"{path}.overrides")
+    check_ranges(cfg, f"{path}.overrides")  # before validate(), which divides by some of them
     if multi:
         cfg = dataclasses.replace(cfg, experts=tuple(resolve_model(e) for e in run.experts),
                                   train_schedule=run.experts[0].diffusion.train_schedule if run.experts else None)
@@ -113,16 +114,24 @@ def build_model(run: RunConfig) -> nn.Module:
     return build(run.model.family, resolve_model(run))
 
 
-def with_weights(run: RunConfig, state_dicts: Sequence[Mapping[str, typing.Any]]) -> nn.Module:
-    """The run's network with trained weights: one state dict, or for an ensemble one per expert run, in order."""
+def with_weights(run: RunConfig, state_dicts: Sequence[Mapping[str, typing.Any]],
+                 path_of: Sequence[typing.Any] = ()) -> nn.Module:
+    """The run's network with trained weights: one state dict, or for an ensemble one per expert run, in order.
+    Weights of another architecture are a ConfigError naming the file (`path_of`) and the run's model settings."""
     model = build_model(run)
-    if run.experts:
-        if len(state_dicts) != len(run.experts):
-            raise ValueError(f"{run.name}: {len(run.experts)} experts but {len(state_dicts)} weight files")
-        family(run.model.family).load_experts(model, state_dicts)
-    else:
-        (state,) = state_dicts
-        model.load_state_dict(state)
+    wanted = len(run.experts) or 1
+    if len(state_dicts) != wanted:
+        raise ConfigError(f"{run.params_key}: {wanted} network(s) but {len(state_dicts)} weight files")
+    try:
+        if run.experts:
+            family(run.model.family).load_experts(model, state_dicts)
+        else:
+            model.load_state_dict(state_dicts[0])
+    except RuntimeError as err:  # missing / unexpected keys, shape mismatches
+        where = ", ".join(str(p) for p in path_of) or "the weights"
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{where}: weights of another architecture than {run.params_key}.model ({first} ...); "
+                          "re-train the run, or restore the params.yaml it was trained with") from None
     return model
 
 

@@ -58,20 +58,50 @@ class TrainResult:
     history: list[dict]
 
 
-def training_fingerprint(run: RunConfig, first_stage_sha256: str | None = None) -> str:
+# Settings that do not change what a run computes, left out of its training fingerprint: where the raw data lives and
+# how it is fetched or how bad inputs are handled (the shards are what training reads), and logging intervals.
+UNFINGERPRINTED = {"dataset": ("root", "download", "skip_corrupt"),
+                   "train": ("log_every", "checkpoint_every", "sample_every", "num_workers")}
+
+
+def training_settings(run: RunConfig, first_stage_sha256: str | None = None) -> dict:
     """What a checkpoint must agree with to be resumed: model, dataset, objective and every training setting that
     changes the trajectory (train.steps included: it sets the cosine decay), and for a latent run the weights of its
-    autoencoder. Logging intervals are left out."""
-    t = asdict(run.train)
-    for key in ("log_every", "checkpoint_every", "sample_every", "num_workers"):
-        t.pop(key)
-    if t["expert"] is None:  # runs that train no MEME expert keep the fingerprints they had before experts existed
-        t.pop("expert")
-    blob = {"model": asdict(resolve_model(run)), "dataset": asdict(run.dataset), "diffusion": asdict(run.diffusion),
-            "train": t}
-    if first_stage_sha256 is not None:  # other runs keep the fingerprints they had before latent runs existed
+    autoencoder (UNFINGERPRINTED lists what is left out)."""
+    parts = {"dataset": asdict(run.dataset), "train": asdict(run.train)}
+    for part, keys in UNFINGERPRINTED.items():
+        for key in keys:
+            parts[part].pop(key)
+    if parts["train"]["expert"] is None:  # runs that train no MEME expert keep the settings they had before experts
+        parts["train"].pop("expert")
+    blob = {"model": asdict(resolve_model(run)), "dataset": parts["dataset"], "diffusion": asdict(run.diffusion),
+            "train": parts["train"]}
+    if first_stage_sha256 is not None:
         blob["first_stage"] = first_stage_sha256
-    return fingerprint(blob)
+    return blob
+
+
+def training_fingerprint(run: RunConfig, first_stage_sha256: str | None = None) -> str:
+    return fingerprint(training_settings(run, first_stage_sha256))
+
+
+def changed_settings(old: dict | None, new: dict) -> str:
+    """`train.lr 0.002 -> 0.001, ...` between two training_settings blobs (dotted keys), for the restart warning."""
+    if old is None:
+        return "unknown (the checkpoint predates recorded settings)"
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    keys = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
+    return ", ".join(f"{k} {flat_old.get(k, '(none)')!r} -> {flat_new.get(k, '(none)')!r}" for k in keys) or "none"
+
+
+def _flatten(blob: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in blob.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def ema_update(decay: float):
@@ -126,10 +156,12 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, run.train)
         self.ddp = DistributedDataParallel(self.model) if d.enabled else self.model
         self.schedule = Schedule(run.diffusion.train_schedule)
-        self.fingerprint = training_fingerprint(run, first_stage.sha256 if first_stage is not None else None)
+        self.settings = training_settings(run, first_stage.sha256 if first_stage is not None else None)
+        self.fingerprint = fingerprint(self.settings)
         self.draw_t = time_sampler(run.train.expert)
         self.step = 0
         self.history: list[dict] = []  # logged rows of every session, carried in the checkpoints
+        self.window: list[float] = []  # losses since the last logged row, carried too (a resume may fall inside)
         self.train_seconds = 0.0  # training time of earlier sessions, carried in the checkpoints
         self.preview_context: Tensor | None = None
         self.resumed_from: int | None = None  # set by the first `resume`
@@ -147,20 +179,23 @@ class Trainer:
         return self.resumed_from
 
     def _resume(self) -> int:
-        path = checkpoint.latest(self.ckpt_dir)
-        if path is None:
+        found = checkpoint.newest_intact(self.ckpt_dir, move_damaged=self.d.is_main)
+        barrier(self.d)
+        if found is None:
             return 0
-        state = json.loads((path / "state.json").read_text())
+        path, state = found
         if state.get("fingerprint") != self.fingerprint:
             if self.d.is_main:
                 aside = move_aside(self.ckpt_dir)
-                log.warning("%s: checkpoints were written for another configuration; moved to %s, starting over",
-                            self.run.name, aside)
+                log.warning("%s: checkpoints were written for another configuration (changed: %s); moved to %s, "
+                            "starting over", self.run.name, changed_settings(state.get("settings"), self.settings),
+                            aside)
             barrier(self.d)
             return 0
         checkpoint.load(path, self.model, self.ema, self.optimizer)
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.window = list(state.get("window", []))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         log.info("%s: resumed from %s", self.run.name, path)
         return self.step
@@ -168,7 +203,8 @@ class Trainer:
     def save(self, session_seconds: float = 0.0) -> None:
         if self.d.is_main:
             checkpoint.save(self.ckpt_dir, self.step, self.model, self.ema, self.optimizer,
-                            extra={"run": self.run.name, "fingerprint": self.fingerprint, "history": self.history,
+                            extra={"run": self.run.name, "fingerprint": self.fingerprint, "settings": self.settings,
+                                   "history": self.history, "window": self.window,
                                    "train_seconds": self.train_seconds + session_seconds})
 
     def set_lr(self) -> float:
@@ -220,19 +256,19 @@ class Trainer:
     def fit(self, source: BatchSource, live=None) -> TrainResult:
         t = self.run.train
         start_step = self.resume()
-        history, window = self.history, []
+        history = self.history
         t0, bar = time.perf_counter(), None
         if self.d.is_main:
             bar = tqdm(total=t.steps, initial=start_step, desc=f"train {self.run.name}", mininterval=2.0)
         while self.step < t.steps:
             loss, gnorm, lr = self.one_step(source)
-            window.append(loss)
+            self.window.append(loss)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 ips = (self.step - start_step) * t.batch_size / (time.perf_counter() - t0)
-                row = {"step": self.step, "loss": float(np.mean(window)), "grad_norm": gnorm, "lr": lr,
+                row = {"step": self.step, "loss": float(np.mean(self.window)), "grad_norm": gnorm, "lr": lr,
                        "images_per_s": ips}
                 history.append(row)
-                window = []
+                self.window = []
                 if live is not None:
                     live.step = self.step
                     for k in ("loss", "grad_norm", "lr", "images_per_s"):

@@ -22,9 +22,18 @@ def _range(ge: float | None = None, gt: float | None = None, le: float | None = 
     return {"ge": ge, "gt": gt, "le": le, "lt": lt}
 
 
-def bounded(ge=None, gt=None, le=None, lt=None) -> Any:
-    """A required dataclass field whose numeric value must lie in the given range."""
-    return field(metadata=_range(ge, gt, le, lt))
+def bounded(ge=None, gt=None, le=None, lt=None, default: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field (required unless `default` is given) whose numeric value must lie in the given range."""
+    return field(default=default, metadata=_range(ge, gt, le, lt))
+
+
+def check_ranges(obj: Any, path: str) -> None:
+    """Every bounded numeric field of a dataclass instance lies in its range (ConfigError naming path.field); for
+    configs built in code and then overridden field by field (model presets)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata and isinstance(value, int | float) and not isinstance(value, bool):
+            _check_range(f"{path}.{f.name}", value, f.metadata)
 
 
 def _describe(tp: Any) -> str:

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffusion.io import publish, sha256_file
+from diffusion.io import EndpointError, mask_userinfo, publish, s3_endpoint, sha256_file
 
 S3_URL_ENV = "RINMEME_S3_URL"  # s3://bucket/prefix: where artifacts, DVC's remote and Prefect's results go
-ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")  # botocore's own variables, S3-specific first
 SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 ATTEMPTS = 4  # botocore "standard" retries: exponential backoff with jitter between attempts
 CONNECT_TIMEOUT_S = 5
@@ -41,7 +40,7 @@ def scrub(text: str, env: Mapping[str, str] | None = None) -> str:
         value = env.get(name, "")
         if len(value) >= 4:
             text = text.replace(value, MASK)
-    return _SECRET_ASSIGNMENT.sub(lambda m: m.group(1) + m.group(2) + MASK, text)
+    return mask_userinfo(_SECRET_ASSIGNMENT.sub(lambda m: m.group(1) + m.group(2) + MASK, text))
 
 
 class StorageError(RuntimeError):
@@ -53,8 +52,11 @@ class StorageError(RuntimeError):
 
 
 def endpoint_url(env: Mapping[str, str] | None = None) -> str | None:
-    env = os.environ if env is None else env
-    return next((env[name] for name in ENDPOINT_ENVS if env.get(name)), None)
+    """The checked S3 endpoint without credentials (diffusion.io.s3_endpoint); a bad one is a StorageError."""
+    try:
+        return s3_endpoint(env)
+    except EndpointError as err:
+        raise StorageError(str(err)) from None
 
 
 @dataclass(frozen=True)

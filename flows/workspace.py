@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from diffusion.config import load_yaml
 from diffusion.io import canonical_json, write_text
 from diffusion.typed import set_dotted
 from flows.scale import absolute_roots
@@ -35,8 +36,8 @@ def flows_dir(repo: Path) -> Path:
 
 
 def read_params(repo: Path) -> dict[str, Any]:
-    with (repo / "params.yaml").open() as fh:
-        return yaml.safe_load(fh)
+    """The repository's params.yaml as plain data (duplicate keys refused, as DVC does)."""
+    return load_yaml(repo / "params.yaml")
 
 
 def workspace_name(scale: str, extra: Mapping[str, Any]) -> str:

@@ -18,27 +18,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion.typed import bounded
+
 from meme.iformer import IFormerBlock, split_channels
 
 
 @dataclass(frozen=True)
 class UNetConfig:
     data_shape: tuple[int, ...]  # (H, W) of the input; both divisible by 2^(levels - 1)
-    channels: int  # data channels C, in and out
-    model_channels: int  # width of level 0 (LDM / ADM `model_channels`)
+    channels: int = bounded(ge=1)  # data channels C, in and out
+    model_channels: int = bounded(ge=1)  # width of level 0 (LDM / ADM `model_channels`)
     channel_mult: tuple[int, ...]  # level k is model_channels * channel_mult[k] wide; one entry per level
-    num_res_blocks: int  # residual blocks per encoder level; the decoder has one more per level (ADM)
+    num_res_blocks: int = bounded(ge=1)  # residual blocks per encoder level; the decoder has one more per level (ADM)
     attention_levels: tuple[int, ...]  # levels (0 = full resolution) where self-attention follows residual blocks
-    head_channels: int  # channels per attention head (LDM `num_head_channels`); 0: use num_heads
-    num_heads: int  # heads per attention block when head_channels is 0 (ADM `num_heads`)
-    dropout: float  # in each residual block, before its second convolution
-    norm_groups: int  # GroupNorm groups (ADM and LDM: 32); must divide every level's width
+    head_channels: int = bounded(ge=0)  # channels per attention head (LDM `num_head_channels`); 0: use num_heads
+    num_heads: int = bounded(ge=0)  # heads per attention block when head_channels is 0 (ADM `num_heads`)
+    dropout: float = bounded(ge=0, lt=1)  # in each residual block, before its second convolution
+    norm_groups: int = bounded(ge=1)  # GroupNorm groups (ADM and LDM: 32); must divide every level's width
     scale_shift_norm: bool  # ADM's adaptive GroupNorm (scale and shift from the embedding); False: LDM's addition
-    noise_embed_scale: float  # the sinusoidal embedding sees gamma * scale (RIN: 1000)
+    noise_embed_scale: float = bounded(gt=0)  # the sinusoidal embedding sees gamma * scale (RIN: 1000)
     iformer_ratios: tuple[float, ...]  # iU-Net: d_h / d of the encoder's iFormer blocks per level; (): plain U-Net
     iformer_pool: tuple[int, ...]  # iU-Net: low-mixer average-pool size per level (iFormer: 2 early, 1 deeper)
-    iformer_mlp_ratio: float  # iU-Net: MLP hidden width / block width of the iFormer blocks
-    num_classes: int  # 0: unconditional; otherwise a class embedding joins the noise-level embedding
+    iformer_mlp_ratio: float = bounded(gt=0)  # iU-Net: MLP hidden width / block width of the iFormer blocks
+    num_classes: int = bounded(ge=0)  # 0: unconditional; otherwise a class embedding joins the noise-level embedding
     self_cond: bool  # must be False: a U-Net has no latent state to self-condition on
 
     @property

@@ -15,30 +15,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion.typed import bounded
+
 
 @dataclass(frozen=True)
 class RINConfig:
     data_shape: tuple[int, ...]  # spatial shape served to the model: (H, W) for images, (T, H, W) for video
-    channels: int  # data channels C
+    channels: int = bounded(ge=1)  # data channels C
     patch: tuple[int, ...]  # patch size per spatial dim, e.g. (2, 2) or (2, 4, 4); kernel = stride
-    num_blocks: int  # B read/process/write blocks, weights not shared
-    process_layers: int  # K latent self-attention layers per block
-    num_latents: int  # m latent tokens in total, including the noise-level (and class) token (pix2seq)
-    latent_dim: int  # d' latent width
-    interface_dim: int  # d interface width
-    latent_heads: int  # heads of latent self-attention
-    rw_heads: int  # heads of the read and write cross-attention
-    latent_mlp_ratio: float  # MLP hidden = ratio * latent_dim
-    interface_mlp_ratio: float  # MLP hidden = ratio * interface_dim (write MLP)
-    dropout: float  # hidden-unit dropout in the latent process MLPs (pix2seq `drop_units`)
-    drop_path: float  # stochastic depth on the latent process layers
-    num_classes: int  # 0: unconditional; otherwise a class token joins the latents
+    num_blocks: int = bounded(ge=1)  # B read/process/write blocks, weights not shared
+    process_layers: int = bounded(ge=1)  # K latent self-attention layers per block
+    num_latents: int = bounded(ge=2)  # m latent tokens in total, including the noise-level (and class) token
+    latent_dim: int = bounded(ge=16)  # d' latent width (the noise-level embedding needs >= 2 x 8 frequencies)
+    interface_dim: int = bounded(ge=1)  # d interface width
+    latent_heads: int = bounded(ge=1)  # heads of latent self-attention
+    rw_heads: int = bounded(ge=1)  # heads of the read and write cross-attention
+    latent_mlp_ratio: float = bounded(gt=0)  # MLP hidden = ratio * latent_dim
+    interface_mlp_ratio: float = bounded(gt=0)  # MLP hidden = ratio * interface_dim (write MLP)
+    dropout: float = bounded(ge=0, lt=1)  # hidden-unit dropout in the latent process MLPs (pix2seq `drop_units`)
+    drop_path: float = bounded(ge=0, lt=1)  # stochastic depth on the latent process layers
+    num_classes: int = bounded(ge=0)  # 0: unconditional; otherwise a class token joins the latents
     self_cond: bool  # build the warm-start path Z_init = Z_emb + LN0(Z_prev + MLP(Z_prev))
-    noise_embed_scale: float  # the sinusoidal embedding sees gamma * scale
+    noise_embed_scale: float = bounded(gt=0)  # the sinusoidal embedding sees gamma * scale
     token_norm: bool = True  # LayerNorm the patch embeddings (pix2seq); it divides out each patch's scale
     # Kernel of a depthwise convolution over the interface's token grid after each write (pix2seq's optional
     # `conv_kernel_size` unit); 0 (the paper's configurations) leaves tokens to exchange information via latents only.
-    interface_conv: int = 0
+    interface_conv: int = bounded(ge=0, default=0)
 
     @property
     def num_tokens(self) -> int:

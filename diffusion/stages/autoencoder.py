@@ -23,7 +23,7 @@ from diffusion.checkpoint import AUTOENCODER_FILE, save_weights
 from diffusion.config import AutoencoderConfig, ConfigError, DatasetConfig, load_params
 from diffusion.images import from_uint8
 from diffusion.io import sha256_file, write_json
-from diffusion.stages.common import parser
+from diffusion.stages.common import out_folder, parser
 
 METRICS = "autoencoder.json"  # beside the shards: reconstruction error, latent scale, training log
 SCALE_IMAGES = 1024  # training images whose latents set latent_scale
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"params.yaml: autoencoders has no entry {args.name!r}; it has {sorted(params.autoencoders)}")
     registry.check(params, runs=[])
     cfg = params.autoencoders[args.name]
-    out = Path(args.out)
+    out = out_folder(args.out)
     summary = build_latent_dataset(args.name, cfg, params.datasets[cfg.dataset], Path(args.source), out)
     err = summary["test"]
     print(f"{args.name}: latents {summary['latent_shape']}, scale {summary['latent_scale']:.3f}, test reconstruction "

@@ -28,3 +28,19 @@ def named_paths(pairs: Sequence[str], what: str) -> dict[str, Path]:
             raise ConfigError(f"{what}: expected NAME=PATH, got {pair!r}")
         out[name] = Path(path)
     return out
+
+
+def out_folder(path: str, flag: str = "--out") -> Path:
+    """A stage's output folder from its command line; an existing file there is a ConfigError (nothing is written)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {folder}: is a file, not a folder; pass the folder dvc.yaml names")
+    return folder
+
+
+def out_file(path: str, flag: str = "--out") -> Path:
+    """A stage's output file from its command line; an existing folder there is a ConfigError."""
+    file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"{flag} {file}: is a folder, not a file; pass the file dvc.yaml names")
+    return file

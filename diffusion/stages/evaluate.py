@@ -28,7 +28,7 @@ from diffusion.metrics.features import (
     timed_features,
 )
 from diffusion.metrics.inception_score import IS_NOT_AVAILABLE, compute_inception_score, load_is_classifier
-from diffusion.stages.common import parser
+from diffusion.stages.common import out_folder, parser
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     params = load_params(args.params)
     run = params.run(args.run)
-    out = Path(args.out)
+    out = out_folder(args.out)
     m = evaluate_run(params, run, Path(args.samples), Path(args.cost), Path(args.refstats), out)
     metric = "FVD" if "fvd" in m else "FID"
     flag = f" (singular covariance: exact SVD {metric})" if m["singular"] else ""

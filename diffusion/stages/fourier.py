@@ -16,7 +16,7 @@ from diffusion.images import from_uint8
 from diffusion.metrics import fourier
 from diffusion.registry import load_run
 from diffusion.schedules import Schedule
-from diffusion.stages.common import named_paths, parser
+from diffusion.stages.common import named_paths, out_folder, parser
 
 
 def train_dirs(run: RunConfig, weights: dict[str, Path]) -> list[Path]:
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         schedule = Schedule((run.experts[0] if run.experts else run).diffusion.train_schedule)  # what it trained on
         y = torch.from_numpy(labels) if run.model.class_conditional else None
         spectra[name] = fourier.analyse(model, x0, cfg.t, schedule, cfg.seed, y)
-    out = Path(args.out)
+    out = out_folder(args.out)
     meta = {"t": list(cfg.t), "split": cfg.split, "num_images": cfg.num_images, "seed": cfg.seed,
             "measure": "mean over images and channels of log(|FFT2(h)| + 1e-6) per radial frequency bin, minus its "
                        "value at frequency 0"}

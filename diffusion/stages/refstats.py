@@ -16,7 +16,7 @@ from diffusion.config import ConfigError, DatasetConfig, ReferenceSet, load_para
 from diffusion.io import write_npz
 from diffusion.metrics import fid as fidlib
 from diffusion.metrics.features import feature_network_for, feature_space, timed_features
-from diffusion.stages.common import parser
+from diffusion.stages.common import out_file, parser
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"params.yaml: evaluation.references has no entry {args.dataset!r}; it has "
                           f"{sorted(params.evaluation.references)}")
     cfg = params.datasets[args.dataset]
-    path = write_refstats(args.dataset, cfg, params.evaluation.references[args.dataset], args.shards, args.out,
-                          feature_network_for(cfg))
+    path = write_refstats(args.dataset, cfg, params.evaluation.references[args.dataset], args.shards,
+                          out_file(args.out), feature_network_for(cfg))
     print(f"wrote {path}")
     return 0

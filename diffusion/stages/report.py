@@ -16,7 +16,7 @@ import pandas as pd
 
 from diffusion.config import ConfigError, ReportRow, load_params
 from diffusion.io import write_text
-from diffusion.stages.common import named_paths, parser
+from diffusion.stages.common import named_paths, out_folder, parser
 
 DASH = "—"
 Value = float | int | str | None  # a paper's number, or its exact wording when it is not a plain number
@@ -488,6 +488,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = load_params(args.params)
     ensembles = {name: [e.name for e in run.experts] for name, run in params.ensembles.items()}
     path = write_report(params.evaluation.report, sorted(params.all_runs), named_paths(args.runs, "--runs"),
-                        Path(args.out), ensembles, fourier=Path(args.fourier) if args.fourier else None)
+                        out_folder(args.out), ensembles, fourier=Path(args.fourier) if args.fourier else None)
     print(f"wrote {path}")
     return 0

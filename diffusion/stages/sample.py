@@ -29,7 +29,7 @@ from diffusion.io import fingerprint as settings_fingerprint
 from diffusion.io import sha256_file, write_json, write_npz, write_text
 from diffusion.registry import load_run, resolve_model
 from diffusion.sampling import sample
-from diffusion.stages.common import add_device, parser
+from diffusion.stages.common import add_device, out_folder, parser
 
 
 def sample_labels(seeds: list[int], num_classes: int) -> torch.Tensor | None:
@@ -41,12 +41,16 @@ def sample_labels(seeds: list[int], num_classes: int) -> torch.Tensor | None:
 
 
 def _chunk_done(path: Path, fingerprint: str) -> bool:
-    """A chunk counts as done when it matches its checksum and was drawn with the same weights and settings."""
+    """A chunk counts as done when it matches its checksum and was drawn with the same weights and settings; a
+    missing, damaged or foreign one is simply drawn again."""
     meta = path.with_suffix(".json")
     if not (path.exists() and meta.exists()):
         return False
-    info = json.loads(meta.read_text())
-    return info.get("fingerprint") == fingerprint and hashlib.sha256(path.read_bytes()).hexdigest() == info["sha256"]
+    try:
+        info = json.loads(meta.read_text())
+        return info["fingerprint"] == fingerprint and hashlib.sha256(path.read_bytes()).hexdigest() == info["sha256"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return False
 
 
 def sampling_fingerprint(run: RunConfig, weights: Path | Sequence[Path]) -> str:
@@ -165,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--num-samples must be >= 1, got {args.num_samples}")
     files = weight_files(run, [Path(w) for w in args.weights])
     d = distributed.init(args.device)
-    out, shards = Path(args.out), Path(args.shards)
+    out, shards = out_folder(args.out), Path(args.shards)
     model = load_trained(run, files, d.device)
     context = context_clips(run, shards)
     decoder = first_stage(run, shards, d.device)

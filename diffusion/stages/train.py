@@ -4,14 +4,16 @@ Resumes from the newest checkpoint in <out>/checkpoints; writes model/ema weight
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from data.batches import training_source
 from diffusion import distributed
 from diffusion.checkpoint import first_stage
 from diffusion.config import ConfigError
+from diffusion.io import exclusive_lock
 from diffusion.registry import load_run
-from diffusion.stages.common import add_device, parser
+from diffusion.stages.common import add_device, out_folder, parser
 from diffusion.trainer import Trainer, align_live
 
 
@@ -27,23 +29,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"{run.params_key} is a multi-expert run and trains nothing itself: train its experts "
                           f"({', '.join(e.name for e in run.experts)}), then sample it")
     d = distributed.init(args.device)
-    out, shards = Path(args.out), Path(args.shards)
-    source = training_source(run.dataset, run.train, shards)
-    trainer = Trainer(run, out, d, first_stage(run, shards, d.device))
-    start = trainer.resume()
-    live = None
-    if d.is_main:
-        from dvclive import Live
+    out, shards = out_folder(args.out), Path(args.shards)
+    # One training per folder: a second one would take the first's half-written checkpoint for debris.
+    with exclusive_lock(out, f"training of {run.name}") if d.is_main else nullcontext():
+        source = training_source(run.dataset, run.train, shards)
+        trainer = Trainer(run, out, d, first_stage(run, shards, d.device))
+        start = trainer.resume()
+        live = None
+        if d.is_main:
+            from dvclive import Live
 
-        align_live(out / "live", start)
-        live = Live(dir=str(out / "live"), resume=True, save_dvc_exp=False, dvcyaml=False)
-    try:
-        result = trainer.fit(source, live=live)
-        trainer.export(result)
-    finally:
-        if live is not None:
-            live.end()
-        distributed.shutdown(d)
+            align_live(out / "live", start)
+            live = Live(dir=str(out / "live"), resume=True, save_dvc_exp=False, dvcyaml=False)
+        try:
+            result = trainer.fit(source, live=live)
+            trainer.export(result)
+        finally:
+            if live is not None:
+                live.end()
+            distributed.shutdown(d)
     if d.is_main:
         print(f"trained {run.name}: steps {result.resumed_from}->{result.steps}, final loss {result.final_loss:.4f}, "
               f"{result.images_per_s:.1f} img/s on {d.world_size} process(es) -> {out}")
