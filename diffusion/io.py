@@ -126,7 +126,7 @@ def s3_endpoint(env: Mapping[str, str] | None = None) -> str | None:
         return None
     url = urllib.parse.urlsplit(env[name].strip())
     if url.scheme not in ("http", "https") or not url.hostname:
-        shown = mask_userinfo(env[name])
+        shown = env[name] if "@" not in env[name] else "***@" + env[name].rsplit("@", 1)[1]  # no credentials shown
         raise EndpointError(f"{name}={shown!r} is not an http(s) URL; write it with its scheme, e.g. "
                             "http://127.0.0.1:9000 (MinIO) or https://s3.<region>.amazonaws.com")
     netloc = url.hostname + (f":{url.port}" if url.port else "")
