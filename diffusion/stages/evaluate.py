@@ -5,9 +5,11 @@ and, given classifier weights, the Inception Score; for video, FVD (Unterthiner 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,11 +51,23 @@ def reference_set(params: Params, run: RunConfig) -> ReferenceSet:
     return ref
 
 
+@contextlib.contextmanager
+def open_npz(path: Path, fix: str):
+    """np.load of a pickle-free npz; a file that is not one, or lacks an array read inside the block, is a DataError
+    naming it and `fix`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            yield z
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: not the npz this stage reads ({type(err).__name__}: {err}); re-create it: "
+                        f"{fix}") from None
+
+
 def load_reference_features(path: Path, run: RunConfig) -> np.ndarray:
     """The first run.eval.num_reference cached features (N, D) float64, after checking what the file holds."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no cached reference features; run `dvc repro refstats@{run.dataset_name}`")
-    with np.load(path, allow_pickle=False) as z:
+    with open_npz(path, f"`dvc repro refstats@{run.dataset_name}`") as z:
         meta = {k: z[k].item() for k in ("extractor", "dataset", "split", "resolution")}
         feats = z["features"][: run.eval.num_reference].astype(np.float64)
     expected = {"extractor": feature_space(run.dataset)[0], "dataset": run.dataset_name,
@@ -73,7 +87,7 @@ def load_samples(path: Path, run: RunConfig) -> np.ndarray:
     (N, T, H, W, C) clips for video."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no samples; run `dvc repro sample@{run.name}` first")
-    with np.load(path, allow_pickle=False) as z:
+    with open_npz(path, f"`dvc repro sample@{run.name}`") as z:
         images = z["arr_0"]
     ds = run.dataset
     shape = ((ds.frames,) if ds.frames else ()) + (ds.resolution, ds.resolution, ds.channels)
@@ -109,8 +123,12 @@ def model_cost(path: Path) -> dict[str, Any]:
     """The sampled network's parameters and GFLOPs per call, as the sample stage counted them (its cost.json)."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no model cost; re-run the sample stage, which writes it beside samples.npz")
-    cost = json.loads(path.read_text())
-    return {"model_params": cost["model_params"], "gflops_per_image": cost["gflops_per_image"]}
+    try:
+        cost = json.loads(path.read_text())
+        return {"model_params": int(cost["model_params"]), "gflops_per_image": float(cost["gflops_per_image"])}
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not the sample stage's cost.json ({type(err).__name__}: {err}); re-run the sample "
+                        "stage") from None
 
 
 def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: Path, ref_path: Path, out_dir: Path,
