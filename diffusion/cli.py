@@ -7,10 +7,11 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
-from diffusion.errors import UserError
+from diffusion.errors import Stopped, UserError
 
 STAGES = {  # command -> module with main(argv)
     "shard": "data.prepare",
@@ -41,8 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    module = importlib.import_module(STAGES[command])
     try:
-        return importlib.import_module(STAGES[command]).main(rest)
+        return module.main(rest)
     except (UserError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -53,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "before is intact (every write is atomic) and the stage resumes from its checkpoints or chunks",
               file=sys.stderr)
         return 2
+    except Stopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -67,6 +67,15 @@ def all_reduce_mean(value: float, d: Dist) -> float:
     return t.item() / d.world_size
 
 
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when `flag` is true on any (one tiny all-reduce; a plain bool for one process)."""
+    if not d.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from diffusion import checkpoint
 from diffusion.config import RunConfig
-from diffusion.distributed import Dist, all_reduce_mean, autocast, barrier
-from diffusion.errors import UserError
+from diffusion.distributed import Dist, all_reduce_mean, any_rank, autocast, barrier
+from diffusion.errors import Stopped, UserError
 from diffusion.images import grid, to_uint8_nhwc, video_grid
 from diffusion.io import fingerprint, move_aside, write_text
 from diffusion.objectives import NoiseDraw, diffusion_loss
@@ -41,6 +41,16 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Preempted(Stopped):
+    """The run was asked to stop (SIGTERM: a preemption, a scheduler's time limit): every rank wrote the checkpoint of
+    the step it stopped at first, so a re-run resumes exactly there."""
+
+    def __init__(self, run: str, step: int):
+        super().__init__(f"{run}: stopped at step {step} on request (SIGTERM) after saving its checkpoint; run the "
+                         "same command again to resume")
+        self.step = step
 
 
 class BatchSource(Protocol):
@@ -165,6 +175,11 @@ class Trainer:
         self.train_seconds = 0.0  # training time of earlier sessions, carried in the checkpoints
         self.preview_context: Tensor | None = None
         self.resumed_from: int | None = None  # set by the first `resume`
+        self.stop_requested = False  # set by `request_stop` (a SIGTERM handler); fit stops at the next step
+
+    def request_stop(self, *_signal) -> None:
+        """Stop after the current step, with a checkpoint (usable as a signal handler)."""
+        self.stop_requested = True
 
     @property
     def ckpt_dir(self) -> Path:
@@ -275,8 +290,14 @@ class Trainer:
                         live.log_metric(f"train/{k}", row[k])
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
-            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+            saved = self.step % t.checkpoint_every == 0 or self.step == t.steps
+            if saved:
                 self.save(time.perf_counter() - t0)
+            if self.step < t.steps and any_rank(self.stop_requested, self.d):  # every rank stops at the same step
+                if not saved:
+                    self.save(time.perf_counter() - t0)
+                barrier(self.d)
+                raise Preempted(self.run.name, self.step)
             if live is not None and t.sample_every and self.step % t.sample_every == 0:
                 live.log_image(f"preview/step-{self.step:08d}.png", self.preview())
             if bar is not None:

@@ -39,7 +39,7 @@ def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
     return f"s3://{name}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -47,45 +47,60 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real Prefect server for the session (`prefect server start`, SQLite in a temporary PREFECT_HOME): ~20-40 s
-    to start on 2 cores, so every flow test shares it. PREFECT_API_URL points at it, for this process (Prefect's
-    settings) and for subprocesses (the environment). Returns the API URL."""
-    import signal
+def start_prefect_server(home, port: int):
+    """`prefect server start` on 127.0.0.1:port with its SQLite in `home`, healthy (~20-40 s on 2 cores); returns
+    the process (its own session: stop it with os.killpg)."""
     import subprocess
     import sys
     import time
     import urllib.request
     from pathlib import Path
 
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    url = f"http://127.0.0.1:{_free_port()}/api"
     env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    log = (home / "server.log").open("wb")
-    port = url.rsplit(":", 1)[1].split("/")[0]
+    log = (Path(home) / "server.log").open("ab")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    log.close()
     deadline = time.monotonic() + 180
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
                 if response.read().strip() == b"true":
-                    break
+                    return proc
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+            raise RuntimeError(f"prefect server did not start: {(Path(home) / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
+
+
+def stop_process_group(proc, sig=None) -> None:
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, sig or signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prefect server for the session (`prefect server start`, SQLite in a temporary PREFECT_HOME): ~20-40 s
+    to start on 2 cores, so every flow test shares it. PREFECT_API_URL points at it, for this process (Prefect's
+    settings) and for subprocesses (the environment). Returns the API URL."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    proc = start_prefect_server(home, port)
     try:
         with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: url, PREFECT_HOME: str(home)}):
             mp.setenv("PREFECT_API_URL", url)
@@ -98,12 +113,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             for worker in (APILogWorker, EventsWorker):  # deliver queued logs and events while the server is up
                 worker.drain_all(timeout=20)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop_process_group(proc)
 
 
 TOY_SCRIPT = '''"""A toy pipeline shaped like the real one (prep -> train@run -> evaluate@run -> report), fast.

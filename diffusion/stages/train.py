@@ -3,6 +3,7 @@ Resumes from the newest checkpoint in <out>/checkpoints; writes model/ema weight
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,10 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             align_live(out / "live", start)
             live = Live(dir=str(out / "live"), resume=True, save_dvc_exp=False, dvcyaml=False)
+        previous = signal.signal(signal.SIGTERM, trainer.request_stop)  # preemption: checkpoint, then stop
         try:
             result = trainer.fit(source, live=live)
             trainer.export(result)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             if live is not None:
                 live.end()
             distributed.shutdown(d)

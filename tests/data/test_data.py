@@ -259,12 +259,13 @@ def test_corrupt_input_image_is_named_or_skipped_and_counted(tmp_path):
     bad = tmp_path / "imgs" / "b" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     cfg = dataset_config("image_folder", tmp_path / "imgs", channels=3, num_classes=2)
-    with pytest.raises(DataError, match="broken.png"):
+    with pytest.raises(DataError, match=r"broken.png.*set datasets\.imgs\.skip_corrupt: true to skip"):
         write_dataset_shards(cfg, "imgs", tmp_path / "shards")
     manifests = write_dataset_shards(replace_config(cfg, skip_corrupt=True), "imgs", tmp_path / "shards")
     train = manifests["train"]
     assert train["num_samples"] == 6 and train["skipped"]["count"] == 1
     assert train["skipped"]["inputs"][0]["ref"] == "b/broken.png"
+    assert "skip_corrupt" not in train["skipped"]["inputs"][0]["error"]  # it is set: no hint to set it
 
 
 @pytest.fixture(scope="module")
@@ -392,6 +393,14 @@ def test_tar_cut_at_a_member_boundary_is_caught_by_the_sample_count(fresh_shards
     writer.close()
     os.replace(fresh_shards / "cut" / "shard-000000.tar", shard)
     with pytest.raises(DataError, match=rf"ends after key '{samples[2]['__key__']}' with 3 of the manifest's 5"):
+        load_all(make_loader(fresh_shards, "train", 4, train=False, verify=False))
+
+
+def test_a_shard_with_more_samples_than_listed_is_not_called_truncated(fresh_shards):
+    manifest = json.loads((fresh_shards / "train" / MANIFEST).read_text())
+    manifest["shards"][0]["num_samples"] -= 1
+    (fresh_shards / "train" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"with 5 of the manifest's 4 samples \(more samples than the manifest lists"):
         load_all(make_loader(fresh_shards, "train", 4, train=False, verify=False))
 
 

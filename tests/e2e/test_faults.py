@@ -1,0 +1,82 @@
+"""Faults while training, kept as tests: SIGTERM (a preemption) makes every rank save the step it stopped at and exit
+with a signal's status; a run killed again and again (SIGKILL and SIGTERM at random moments, one process or two
+torchrun ranks) resumes each time and ends bit-exact with an uninterrupted one, weights and logged curves alike."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.e2e.test_stages import REPO, live_steps, run_ok, shards, tiny_params, train_cmd, weights  # noqa: F401
+
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "DVCLIVE_LOGLEVEL": "WARNING"}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    for name in ("model", "ema"):
+        wa, wb = weights(a, name), weights(b, name)
+        assert wa.keys() == wb.keys() and all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa), name
+    la = yaml.safe_load((a / "train_log.json").read_text())["history"]
+    lb = yaml.safe_load((b / "train_log.json").read_text())["history"]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in la] == [(r["step"], r["loss"], r["grad_norm"]) for r in lb]
+    assert live_steps(a) == live_steps(b)
+
+
+def newest_step(out: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if (p / "manifest.json").exists()]
+    return max(steps, default=0)
+
+
+def test_sigterm_saves_the_current_step_and_a_rerun_resumes_bit_exact(tmp_path, shards):  # noqa: F811
+    params = tiny_params(tmp_path, steps=64, checkpoint_every=16)
+    run_ok(train_cmd(params, tmp_path / "straight", shards))
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(train_cmd(params, out, shards), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and newest_step(out) < 16:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped at step" in err and not (out / "model.safetensors").exists()
+    stopped = newest_step(out)
+    assert 16 < stopped < 64 and stopped % 16, stopped  # the step it stopped at, not the last periodic checkpoint
+    run_ok(train_cmd(params, out, shards))
+    assert yaml.safe_load((out / "train_log.json").read_text())["resumed_from"] == stopped
+    assert_same_run(tmp_path / "straight", out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [0, 2])
+def test_ten_kills_at_random_moments_each_resume_bit_exact(tmp_path, shards, nproc):  # noqa: F811
+    """10 kills (SIGKILL and SIGTERM alternately, at random moments, also during checkpoint writes), each followed by
+    a resume; the final weights and curves equal an uninterrupted single-process run's."""
+    params = tiny_params(tmp_path, steps=320, checkpoint_every=8, log_every=2)
+    run_ok(train_cmd(params, tmp_path / "straight", shards))
+    out, rng, kills = tmp_path / "killed", random.Random(1234), 0
+    while kills < 10:
+        proc = subprocess.Popen(train_cmd(params, out, shards, nproc=nproc), cwd=REPO, env=ENV, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = newest_step(out)
+        deadline = time.time() + 120
+        while time.time() < deadline and newest_step(out) == start and proc.poll() is None:
+            time.sleep(0.02)  # wait for this session's first checkpoint, then kill a moment later
+        time.sleep(rng.uniform(0.0, 1.0))
+        if proc.poll() is not None:
+            break  # it finished before this kill
+        sig = signal.SIGKILL if kills % 2 == 0 else signal.SIGTERM
+        os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+        proc.wait(timeout=120)
+        kills += 1
+    assert kills == 10, f"the run finished after {kills} kills; make it longer"
+    run_ok(train_cmd(params, out, shards, nproc=nproc))
+    assert_same_run(tmp_path / "straight", out)
