@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion.typed import bounded
-
 from meme.iformer import IFormerBlock, split_channels
 
 
