@@ -108,6 +108,12 @@ def test_training_settings_out_of_range(project, tmp_path, capsys, key, value, f
     assert snapshot(project["root"]) == before
 
 
+def test_a_streamed_batch_larger_than_the_split_is_refused_before_it_waits_forever(project, tmp_path, capsys):
+    params = with_run(project, tmp_path, data="stream", batch_size=10**9)
+    refused(train_argv(params, project, tmp_path / "o"), capsys, "train.batch_size 1000000000 exceeds the 64 training "
+            "samples of")
+
+
 def test_a_run_name_cannot_climb_out_of_its_folder(project, tmp_path, capsys):
     raw = yaml.safe_load(project["params"].read_text())
     raw["runs"]["../../escape"] = raw["runs"]["tiny"]
