@@ -38,7 +38,7 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer.state_dict() -> (tensors keyed 'state.<param>.<name>', JSON-able rest)."""
+    """Optimizer.state_dict() -> (tensors keyed 'state.<param>.<name>' or 'group.<i>.<name>', JSON-able rest)."""
     tensors, scalars = {}, {}
     for pid, entries in state["state"].items():
         for name, value in entries.items():
@@ -46,18 +46,31 @@ def flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], d
                 tensors[f"state.{pid}.{name}"] = value.detach().contiguous().cpu()
             else:
                 scalars[f"{pid}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    groups = []
+    for i, group in enumerate(state["param_groups"]):  # e.g. timm's LAMB counts its steps in a group tensor
+        plain = {}
+        for name, value in group.items():
+            if torch.is_tensor(value):
+                tensors[f"group.{i}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                plain[name] = value
+        groups.append(plain)
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
+    groups = [dict(g) for g in rest["param_groups"]]
     for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = value
+        kind, index, name = key.split(".", 2)
+        if kind == "group":
+            groups[int(index)][name] = value
+        else:
+            state.setdefault(int(index), {})[name] = value
     for key, value in rest["scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": rest["param_groups"]}
+    return {"state": state, "param_groups": groups}
 
 
 def save(root: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,

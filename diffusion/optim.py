@@ -1,51 +1,22 @@
-"""Optimisers and learning-rate schedules: AdamW and LAMB (You et al. 2020, Alg. 2), warmup then cosine decay."""
+"""Optimisers and learning-rate schedules: AdamW, and LAMB (You et al. 2020, Alg. 2) as the authors of RIN ran it
+(TensorFlow Addons' LAMB in pix2seq: biases and normalisation scales are excluded from weight decay and from the
+layer-wise trust ratio, eps 1e-8, no gradient clipping), through timm's maintained implementation; warmup then
+cosine decay."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from timm.optim import Lamb
 from torch import nn
 
 from diffusion.config import TrainConfig
 
 
-class Lamb(torch.optim.Optimizer):
-    """LAMB: Adam moments with bias correction, decoupled weight decay, and a per-tensor trust ratio
-    ||w|| / ||update|| (set to 1 when either norm is zero)."""
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"].item()
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    update = update + group["weight_decay"] * p
-                w_norm, u_norm = p.norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.add_(update, alpha=-group["lr"] * trust.item())
-        return loss
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and conv kernels only; none on biases, norms, embeddings of positions."""
+    """AdamW's groups: weight decay on matrices and conv kernels only; none on biases, norms, embeddings of
+    positions."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -55,18 +26,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+LAMB_EPS = 1e-8  # pix2seq config_diffusion_base optimization.eps (timm's default is 1e-6)
+
+
+def lamb_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """pix2seq's rule (exclude_from_weight_decay='bias,beta,gamma', which TF Addons' LAMB also applies to layer
+    adaptation): biases and the scales and shifts of normalisation layers get neither weight decay nor the trust
+    ratio; every other tensor (kernels, embeddings) gets both, the trust ratio even when weight_decay is 0."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
+    adapted, excluded = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (excluded if name.endswith("bias") or id(p) in norm_params else adapted).append(p)
+    return [{"params": adapted, "weight_decay": weight_decay, "always_adapt": True},
+            {"params": excluded, "weight_decay": 0.0, "always_adapt": False}]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "lamb":
-        return Lamb(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        return Lamb(lamb_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=LAMB_EPS,
+                    max_grad_norm=None)  # pix2seq's LAMB clips nothing (train.grad_clip still can)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr at `step`: linear warmup from 0, then cosine decay to 0 (or constant)."""
+    """Multiplier of cfg.lr at `step`: linear warmup to 1, then the first lr_decay_fraction of a cosine (1 -> 0 over
+    the whole cosine), or constant. Warmup reaches 1/warmup at step 0, where pix2seq's is 0 (one step in 10k)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_decay == "constant":
         return 1.0
     progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 0.5 * (1 + math.cos(math.pi * cfg.lr_decay_fraction * min(progress, 1.0)))

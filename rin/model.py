@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import einops
 import torch
@@ -41,6 +42,8 @@ class RINConfig:
     # Kernel of a depthwise convolution over the interface's token grid after each write (pix2seq's optional
     # `conv_kernel_size` unit); 0 (the paper's configurations) leaves tokens to exchange information via latents only.
     interface_conv: int = bounded(ge=0, default=0)
+    # drop_path on every latent process layer (the authors' code), or rising linearly from 0 to it with depth (ViT)
+    drop_path_schedule: Literal["constant", "linear"] = "constant"
 
     @property
     def num_tokens(self) -> int:
@@ -265,14 +268,17 @@ class RIN(nn.Module):
             nn.init.zeros_(self.prev_norm.weight)  # warm start: Z_init = Z_emb at initialisation
             nn.init.zeros_(self.prev_norm.bias)
         total = cfg.num_blocks * cfg.process_layers
-        rates = [cfg.drop_path * i / max(total - 1, 1) for i in range(total)]
+        rates = ([cfg.drop_path] * total if cfg.drop_path_schedule == "constant" else
+                 [cfg.drop_path * i / max(total - 1, 1) for i in range(total)])
         self.blocks = nn.ModuleList(
             RINBlock(cfg, rates[b * cfg.process_layers : (b + 1) * cfg.process_layers]) for b in range(cfg.num_blocks)
         )
         self.apply(_init_linear)
 
     def init_latents(self, gamma: Tensor, labels: Tensor | None, latents_prev: Tensor | None) -> Tensor:
-        """Z_init = [Z_emb; noise token; class token] (+ LN0(Z_prev + MLP(Z_prev)) with self-conditioning)."""
+        """Z_init = [Z_emb; noise token; class token] (+ LN0(Z_prev + MLP(Z_prev)) with self-conditioning). Without
+        previous latents (a first pass, the examples the training step drops, a sampler's first step) the warm start
+        runs on zeros, as the authors' model does, so the mode that sampling's first step uses is trained."""
         b = gamma.shape[0]
         parts = [self.latents.expand(b, -1, -1), self.noise_embed(gamma)[:, None]]  # (B, m-c, d'), (B, 1, d')
         if self.class_embed is not None:
@@ -280,8 +286,8 @@ class RIN(nn.Module):
                 raise ValueError("this RIN is class-conditional (num_classes > 0): pass labels")
             parts.append(self.class_embed(labels)[:, None])
         z = torch.cat(parts, dim=1)  # (B, m, d')
-        if self.cfg.self_cond and latents_prev is not None:
-            zp = latents_prev.to(z.dtype)
+        if self.cfg.self_cond:
+            zp = torch.zeros_like(z) if latents_prev is None else latents_prev.to(z.dtype)
             z = z + self.prev_norm(zp + self.prev_mlp(self.prev_norm_in(zp)))
         return z
 

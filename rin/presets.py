@@ -24,7 +24,7 @@ PRESETS: dict[str, RINConfig] = {
     "rin_cifar10": _rin(
         data_shape=(32, 32), channels=3, patch=(2, 2), num_blocks=3, process_layers=2, num_latents=128,
         latent_dim=512, interface_dim=256, latent_heads=16, rw_heads=8, latent_mlp_ratio=4.0,
-        interface_mlp_ratio=2.0, dropout=0.1,
+        interface_mlp_ratio=2.0, dropout=0.1, drop_path=0.1,
     ),
     # ImageNet 64x64 class-conditional (pix2seq config_diffusion_imagenet64; patch 4 as in the paper).
     "rin_imagenet64": _rin(

@@ -1,5 +1,6 @@
 """Training: a tiny RIN overfits real images; LR schedule; LAMB; NaN guard; exact resume; checkpoints."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from diffusion import checkpoint
 from diffusion.config import ScheduleConfig, load_params
 from diffusion.distributed import Dist
 from diffusion.objectives import NoiseDraw, diffusion_loss
-from diffusion.optim import Lamb, lr_factor
+from timm.optim import Lamb
+
+from diffusion.optim import lr_factor
 from diffusion.schedules import Schedule
 from diffusion.trainer import TrainingDiverged, train_step
 from tests.helpers import tiny_rin
@@ -37,7 +40,7 @@ def test_tiny_rin_overfits_a_real_batch(optimizer):
     model = tiny_rin()
     sched = Schedule(ScheduleConfig("sigmoid", -3, 3, 0.9))
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-3) if optimizer == "adamw" else Lamb(params, lr=2e-2)
+    opt = torch.optim.AdamW(params, lr=3e-3) if optimizer == "adamw" else Lamb(params, lr=2e-2, max_grad_norm=None)
     noise = NoiseDraw.draw(torch.Generator().manual_seed(0), x0.shape)  # the same draws every step: memorisable
 
     def loss_fixed_noise():
@@ -66,11 +69,50 @@ def test_lr_warmup_then_cosine():
 
 def test_lamb_trust_ratio_scales_update_to_weight_norm():
     w = torch.nn.Parameter(torch.full((4, 4), 2.0))  # ||w|| = 8
-    opt = Lamb([w], lr=0.1)
+    opt = Lamb([{"params": [w], "weight_decay": 0.0, "always_adapt": True}], lr=0.1, max_grad_norm=None)
     w.grad = torch.ones(4, 4) * 1e-3
     opt.step()
     # Adam's first update is sign(grad) with norm 4; the trust ratio 8/4 makes the step lr * ||w|| = 0.8 in norm.
     assert (torch.full((4, 4), 2.0) - w.detach()).norm().item() == pytest.approx(0.8, rel=1e-4)
+
+
+def tfa_lamb_step(w, g, m, v, t, lr, wd, adapt, b1=0.9, b2=0.999, eps=1e-8):
+    """One step of TensorFlow Addons' LAMB (the optimiser of pix2seq's RIN runs), in float64 numpy: the oracle."""
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    update = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps) + wd * w
+    ratio = 1.0
+    if adapt:
+        w_norm, u_norm = np.linalg.norm(w), np.linalg.norm(update)
+        ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+    return w - lr * ratio * update, m, v
+
+
+def test_lamb_follows_the_authors_update_rule_and_exempts_biases_and_norms():
+    from diffusion.optim import LAMB_EPS, make_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3))
+    torch.nn.init.zeros_(model[2].weight)  # a zero-initialised kernel (trust ratio 1 until it grows)
+    torch.nn.init.zeros_(model[0].bias)  # a zero-initialised bias
+    model = model.double()
+    cfg = dataclasses.replace(load_params().run("rin_fmnist").train, optimizer="lamb", lr=3e-3, weight_decay=0.01)
+    opt = make_optimizer(model, cfg)
+    exempt = {"0.bias", "1.weight", "1.bias", "2.bias"}  # biases, LayerNorm gamma and beta
+    oracle = {n: (p.detach().numpy().copy(), np.zeros(p.shape), np.zeros(p.shape)) for n, p in model.named_parameters()}
+    rng = np.random.default_rng(1)
+    for t in range(1, 6):
+        for name, p in model.named_parameters():
+            g = rng.normal(size=p.shape)
+            p.grad = torch.from_numpy(g)
+            w, m, v = oracle[name]
+            oracle[name] = tfa_lamb_step(w, g, m, v, t, cfg.lr, 0.0 if name in exempt else cfg.weight_decay,
+                                         adapt=name not in exempt, b1=cfg.beta1, b2=cfg.beta2, eps=LAMB_EPS)
+        opt.step()
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(p.detach().numpy(), oracle[name][0], rtol=1e-10, atol=1e-12, err_msg=name)
+    # the defect this guards against: a zero-initialised bias under the trust ratio (||w|| = 0) barely moves
+    assert model[0].bias.detach().abs().min() > 1e-3
 
 
 def test_nan_loss_stops_with_clear_error():
@@ -179,3 +221,11 @@ def test_live_metrics_are_trimmed_to_the_checkpoint_or_moved_aside(tmp_path):
     assert not (tmp_path / "live").exists()
     [aside] = tmp_path.glob("live.stale-*")
     assert (aside / "plots" / "metrics" / "train" / "loss.tsv").read_text().count("\n") == 5
+
+
+@pytest.mark.parametrize(("fraction", "end"), [(1.0, 0.0), (0.8, 0.0955), (0.7, 0.2061)])
+def test_the_decay_covers_a_fraction_of_the_cosine_as_pix2seq_cosine_at(fraction, end):
+    cfg = dataclasses.replace(load_params().run("rin_fmnist").train, steps=1000, warmup_steps=100,
+                              lr_decay="cosine", lr_decay_fraction=fraction)
+    assert lr_factor(99, cfg) == pytest.approx(1.0) and lr_factor(100, cfg) == pytest.approx(1.0)
+    assert lr_factor(1000, cfg) == pytest.approx(end, abs=1e-4)  # 0.5 (1 + cos(pi f)): 9.5% and 20.6% of the peak
