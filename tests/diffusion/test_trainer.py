@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from timm.optim import Lamb
 
 from data.batches import ArrayBatches, pad_to
 from data.readers import load_idx_split
@@ -14,8 +15,6 @@ from diffusion import checkpoint
 from diffusion.config import ScheduleConfig, load_params
 from diffusion.distributed import Dist
 from diffusion.objectives import NoiseDraw, diffusion_loss
-from timm.optim import Lamb
-
 from diffusion.optim import lr_factor
 from diffusion.schedules import Schedule
 from diffusion.trainer import TrainingDiverged, train_step
