@@ -44,6 +44,13 @@ class RINConfig:
     interface_conv: int = bounded(ge=0, default=0)
     # drop_path on every latent process layer (the authors' code), or rising linearly from 0 to it with depth (ViT)
     drop_path_schedule: Literal["constant", "linear"] = "constant"
+    # LayerNorm on the keys / values of the read and write cross-attention (pix2seq `xattn_enc_ln`, off in the
+    # authors' RIN configs; on in the CPU presets, which were tuned with it)
+    rw_kv_norm: bool = True
+    # The noise-level embedding as pix2seq's ScalarEmbedding(normalize=True): sinusoids at 10000^(-k / half) and
+    # standardised per example before the MLP; False: sinusoids at 10000^(-k / (half - 1)), not standardised (the CPU
+    # presets were tuned so)
+    noise_embed_pix2seq: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -132,9 +139,10 @@ class SelfAttentionLayer(nn.Module):
 class CrossAttentionLayer(nn.Module):
     """Pre-LN cross-attention + MLP: x = x + MHA(x, ctx); x = x + MLP(x). Read: x=Z, ctx=X; write: x=X, ctx=Z."""
 
-    def __init__(self, dim: int, dim_context: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, dim_context: int, heads: int, mlp_ratio: float, kv_norm: bool = True):
         super().__init__()
-        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim_context), nn.LayerNorm(dim)
+        self.norm_q, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim_context) if kv_norm else nn.Identity()
         self.attn = Attention(dim, dim_context, heads, dim_att=min(dim, dim_context))
         self.mlp = MLP(dim, mlp_ratio) if mlp_ratio > 0 else None
 
@@ -167,12 +175,14 @@ class RINBlock(nn.Module):
 
     def __init__(self, cfg: RINConfig, drop_paths: list[float]):
         super().__init__()
-        self.read = CrossAttentionLayer(cfg.latent_dim, cfg.interface_dim, cfg.rw_heads, cfg.latent_mlp_ratio)
+        self.read = CrossAttentionLayer(cfg.latent_dim, cfg.interface_dim, cfg.rw_heads, cfg.latent_mlp_ratio,
+                                        cfg.rw_kv_norm)
         self.process = nn.ModuleList(
             SelfAttentionLayer(cfg.latent_dim, cfg.latent_heads, cfg.latent_mlp_ratio, cfg.dropout, dp)
             for dp in drop_paths
         )
-        self.write = CrossAttentionLayer(cfg.interface_dim, cfg.latent_dim, cfg.rw_heads, cfg.interface_mlp_ratio)
+        self.write = CrossAttentionLayer(cfg.interface_dim, cfg.latent_dim, cfg.rw_heads, cfg.interface_mlp_ratio,
+                                         cfg.rw_kv_norm)
         grid = tuple(s // p for s, p in zip(cfg.data_shape, cfg.patch, strict=True))
         self.conv = TokenConv(cfg.interface_dim, grid, cfg.interface_conv) if cfg.interface_conv else None
 
@@ -237,16 +247,20 @@ class PatchTokenizer(nn.Module):
 class NoiseLevelEmbedding(nn.Module):
     """Sinusoidal features of gamma * scale (width dim/4) -> Linear -> SiLU -> Linear (pix2seq ScalarEmbedding)."""
 
-    def __init__(self, dim: int, scale: float):
+    def __init__(self, dim: int, scale: float, pix2seq: bool = False):
         super().__init__()
-        self.freq_dim, self.scale = dim // 4, scale
+        self.freq_dim, self.scale, self.pix2seq = dim // 4, scale, pix2seq
         self.net = nn.Sequential(nn.Linear(self.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, gamma: Tensor) -> Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=gamma.device) / (half - 1))
+        steps = half if self.pix2seq else half - 1
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=gamma.device) / steps)
         arg = gamma.float()[:, None] * self.scale * freqs[None]  # (B, half)
-        return self.net(torch.cat([arg.sin(), arg.cos()], dim=1).to(self.net[0].weight.dtype))
+        feats = torch.cat([arg.sin(), arg.cos()], dim=1)  # (B, freq_dim)
+        if self.pix2seq:  # ScalarEmbedding(normalize=True): standardised per example
+            feats = (feats - feats.mean(1, keepdim=True)) / feats.std(1, keepdim=True, unbiased=False)
+        return self.net(feats.to(self.net[0].weight.dtype))
 
 
 class RIN(nn.Module):
@@ -259,7 +273,7 @@ class RIN(nn.Module):
         self.tokenizer = PatchTokenizer(cfg.data_shape, cfg.channels, cfg.patch, cfg.interface_dim, cfg.token_norm)
         self.latents = nn.Parameter(torch.zeros(cfg.num_latents - cfg.num_cond_tokens, cfg.latent_dim))
         nn.init.trunc_normal_(self.latents, std=0.02)
-        self.noise_embed = NoiseLevelEmbedding(cfg.latent_dim, cfg.noise_embed_scale)
+        self.noise_embed = NoiseLevelEmbedding(cfg.latent_dim, cfg.noise_embed_scale, cfg.noise_embed_pix2seq)
         self.class_embed = nn.Embedding(cfg.num_classes, cfg.latent_dim) if cfg.num_classes else None
         if cfg.self_cond:
             self.prev_norm_in = nn.LayerNorm(cfg.latent_dim)

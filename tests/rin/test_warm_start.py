@@ -33,3 +33,22 @@ def test_drop_path_is_the_same_on_every_process_layer_unless_asked_to_rise():
     rising = [layer.drop_path for block in tiny_rin(drop_path=0.1, num_blocks=2, drop_path_schedule="linear").blocks
               for layer in block.process]
     assert rising[0] == 0.0 and rising[-1] == pytest.approx(0.1)
+
+
+def test_paper_presets_follow_the_authors_architecture_choices():
+    from rin.model import NoiseLevelEmbedding
+    from rin.presets import PRESETS
+
+    for name in ("rin_cifar10", "rin_imagenet64", "rin_kinetics600"):
+        cfg = PRESETS[name]
+        assert not cfg.rw_kv_norm and cfg.noise_embed_pix2seq and cfg.drop_path_schedule == "constant", name
+    assert PRESETS["rin_fmnist"].rw_kv_norm and not PRESETS["rin_fmnist"].noise_embed_pix2seq  # as tuned on CPU
+    seen = {}
+    embed = NoiseLevelEmbedding(64, 1000.0, pix2seq=True)
+    embed.net[0].register_forward_hook(lambda m, inputs, out: seen.setdefault("x", inputs[0]))
+    embed(torch.tensor([0.0, 0.3, 0.99]))
+    feats = seen["x"]  # (3, 16) standardised sinusoids at 10000^(-k / 8), k = 0..7
+    assert torch.allclose(feats.mean(1), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(feats.std(1, unbiased=False), torch.ones(3), atol=1e-5)
+    model = tiny_rin(rw_kv_norm=False)
+    assert isinstance(model.blocks[0].read.norm_kv, torch.nn.Identity)
