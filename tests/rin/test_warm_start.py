@@ -45,7 +45,7 @@ def test_paper_presets_follow_the_authors_architecture_choices():
     assert PRESETS["rin_fmnist"].rw_kv_norm and not PRESETS["rin_fmnist"].noise_embed_pix2seq  # as tuned on CPU
     seen = {}
     embed = NoiseLevelEmbedding(64, 1000.0, pix2seq=True)
-    embed.net[0].register_forward_hook(lambda m, inputs, out: seen.setdefault("x", inputs[0]))
+    embed.net[0].register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0]))
     embed(torch.tensor([0.0, 0.3, 0.99]))
     feats = seen["x"]  # (3, 16) standardised sinusoids at 10000^(-k / 8), k = 0..7
     assert torch.allclose(feats.mean(1), torch.zeros(3), atol=1e-6)
