@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def test_a_repeated_arm_scores_the_same_and_a_changed_one_differs(tmp_path):
     cmd = [sys.executable, "benchmarks/ab_loss.py", "tiny", "--steps", "3", "--images", "16", "--threads", "1",
            "--params", str(tmp_path / "params.yaml"), "--shards", str(tmp_path / "shards"), "--out", str(out),
            "--arm", "a", "--arm", "again", "--arm", "lr=train.lr=3e-3"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = os.environ | {"PYTHONPATH": str(REPO)}  # this checkout, whatever the venv's editable install points at
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     arms = {a["arm"]: a for a in json.loads(out.read_text())["arms"]}
     assert arms["a"]["test_loss"] == arms["again"]["test_loss"]
