@@ -3,7 +3,10 @@ precision context (bf16 autocast with fp32 master weights)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -45,6 +48,8 @@ def init(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker, which torchrun starts in a session of its own
+        stop_with_launcher()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -52,6 +57,22 @@ def init(device: str = "auto") -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_launcher() -> None:
+    """Have the kernel send this process SIGTERM when its parent (torchrun) dies, so a launcher killed outright
+    (SIGKILL, OOM) does not leave its ranks training on as orphans: they checkpoint and stop (the train stage's SIGTERM
+    handler). Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def barrier(d: Dist) -> None:

@@ -30,6 +30,33 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert live_steps(a) == live_steps(b)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its ranks in sessions of their own: no process group holds them)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def wait_gone(pids: list[int], timeout: float = 120) -> None:
+    """Until every process has exited: a rank still writing its checkpoint holds the folder's lock, and a new
+    session would rightly refuse to start beside it."""
+    deadline = time.time() + timeout
+    for pid in pids:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.time() < deadline, f"process {pid} outlived its launcher by {timeout} s"
+            time.sleep(0.05)
+
+
 def newest_step(out: Path) -> int:
     steps = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if (p / "manifest.json").exists()]
     return max(steps, default=0)
@@ -61,7 +88,7 @@ def test_ten_kills_at_random_moments_each_resume_bit_exact(tmp_path, shards, npr
     """10 kills (SIGKILL and SIGTERM alternately, at random moments, also during checkpoint writes), each followed by
     a resume; the final weights and curves equal an uninterrupted run's with the same number of processes (two ranks
     reduce gradients in another order than one, so they agree with one process only to rounding)."""
-    params = tiny_params(tmp_path, steps=320, checkpoint_every=8, log_every=2)
+    params = tiny_params(tmp_path, steps=640, checkpoint_every=8, log_every=2)
     run_ok(train_cmd(params, tmp_path / "straight", shards, nproc=nproc))
     out, rng, kills = tmp_path / "killed", random.Random(1234), 0
     while kills < 10:
@@ -71,12 +98,14 @@ def test_ten_kills_at_random_moments_each_resume_bit_exact(tmp_path, shards, npr
         deadline = time.time() + 120
         while time.time() < deadline and newest_step(out) == start and proc.poll() is None:
             time.sleep(0.02)  # wait for this session's first checkpoint, then kill a moment later
-        time.sleep(rng.uniform(0.0, 1.0))
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is not None:
             break  # it finished before this kill
         sig = signal.SIGKILL if kills % 2 == 0 else signal.SIGTERM
-        os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+        ranks = descendants(proc.pid)
+        os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)  # torchrun's ranks: see below
         proc.wait(timeout=120)
+        wait_gone(ranks)  # a SIGKILLed torchrun's ranks get SIGTERM from the kernel (PR_SET_PDEATHSIG) and stop
         kills += 1
     assert kills == 10, f"the run finished after {kills} kills; make it longer"
     run_ok(train_cmd(params, out, shards, nproc=nproc))
