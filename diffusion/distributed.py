@@ -80,21 +80,14 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: float, d: Dist) -> float:
+def reduce_step(loss: float, stop: bool, d: Dist) -> tuple[float, bool]:
+    """A training step's one all-reduce: the mean loss over ranks, and whether any rank was asked to stop (so every
+    rank stops at the same step). Plain values for one process."""
     if not d.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+        return loss, stop
+    t = torch.tensor([loss, 1.0 if stop else 0.0], dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
-    return t.item() / d.world_size
-
-
-def any_rank(flag: bool, d: Dist) -> bool:
-    """True on every rank when `flag` is true on any (one tiny all-reduce; a plain bool for one process)."""
-    if not d.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=d.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return t[0].item() / d.world_size, t[1].item() > 0
 
 
 def shutdown(d: Dist) -> None:

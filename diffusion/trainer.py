@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from diffusion import checkpoint
 from diffusion.config import RunConfig
-from diffusion.distributed import Dist, all_reduce_mean, any_rank, autocast, barrier
+from diffusion.distributed import Dist, autocast, barrier, reduce_step
 from diffusion.errors import Stopped, UserError
 from diffusion.images import grid, to_uint8_nhwc, video_grid
 from diffusion.io import fingerprint, move_aside, write_text
@@ -132,8 +132,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def train_step(model: nn.Module, batch: tuple[Tensor, Tensor], noise: NoiseDraw, optimizer, run: RunConfig,
-               schedule: Schedule, d: Dist) -> tuple[float, float]:
-    """One optimisation step on this rank's share; returns (global mean loss, grad norm before clipping)."""
+               schedule: Schedule, d: Dist, stop: bool = False) -> tuple[float, float, bool]:
+    """One optimisation step on this rank's share; returns (global mean loss, grad norm before clipping, whether
+    any rank asked to `stop`), the last two agreed in the step's one all-reduce."""
     x0, labels = batch[0].to(d.device), batch[1].to(d.device)
     with autocast(run.train.precision, d.device):
         loss = diffusion_loss(model, x0, labels if run.model.class_conditional else None, schedule,
@@ -143,13 +144,13 @@ def train_step(model: nn.Module, batch: tuple[Tensor, Tensor], noise: NoiseDraw,
     loss.backward()
     clip = run.train.grad_clip if run.train.grad_clip > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-    value = all_reduce_mean(loss.item(), d)
+    value, stop = reduce_step(loss.item(), stop, d)
     if not (math.isfinite(value) and math.isfinite(grad_norm)):
         raise TrainingDiverged(
             f"{run.name}: loss {value}, grad norm {grad_norm}: stopped before the optimizer step; the last "
             "checkpoint is kept. Lower train.lr, raise train.warmup_steps, or check the data for NaNs")
     optimizer.step()
-    return value, grad_norm
+    return value, grad_norm, stop
 
 
 class Trainer:
@@ -176,6 +177,7 @@ class Trainer:
         self.preview_context: Tensor | None = None
         self.resumed_from: int | None = None  # set by the first `resume`
         self.stop_requested = False  # set by `request_stop` (a SIGTERM handler); fit stops at the next step
+        self.stop_agreed = False  # some rank had stop_requested at the last step's all-reduce
 
     def request_stop(self, *_signal) -> None:
         """Stop after the current step, with a checkpoint (usable as a signal handler)."""
@@ -241,7 +243,8 @@ class Trainer:
         noise = NoiseDraw.draw(step_generator(t.seed, self.step), (t.batch_size, *batch[0].shape[1:]), self.draw_t)
         noise = noise.rows(self.d.rank * local, (self.d.rank + 1) * local)
         torch.manual_seed(t.seed * 1_000_037 + self.step * 4_099 + self.d.rank)  # dropout / drop-path
-        loss, gnorm = train_step(self.ddp, batch, noise, self.optimizer, self.run, self.schedule, self.d)
+        loss, gnorm, self.stop_agreed = train_step(self.ddp, batch, noise, self.optimizer, self.run, self.schedule,
+                                                   self.d, self.stop_requested)
         self.ema.update_parameters(self.model)
         self.step += 1
         return loss, gnorm, lr
@@ -293,7 +296,7 @@ class Trainer:
             saved = self.step % t.checkpoint_every == 0 or self.step == t.steps
             if saved:
                 self.save(time.perf_counter() - t0)
-            if self.step < t.steps and any_rank(self.stop_requested, self.d):  # every rank stops at the same step
+            if self.step < t.steps and self.stop_agreed:  # every rank stops at the same step
                 if not saved:
                     self.save(time.perf_counter() - t0)
                 barrier(self.d)
