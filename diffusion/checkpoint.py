@@ -103,13 +103,6 @@ def save(root: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, op
     return final
 
 
-def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under root, or None. Directories are scanned rather than trusting the
-    `latest` pointer, which lags the rename by a moment when a run is killed in between."""
-    done = sorted(p for p in root.glob("step-*") if (p / MANIFEST).exists())
-    return done[-1] if done else None
-
-
 def newest_intact(root: Path, move_damaged: bool = True) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint under root whose files match their manifest, and its state.json; None if there is none.
     A damaged newer one (truncated, corrupt, edited) is skipped with a warning and, with `move_damaged`, renamed to
@@ -230,7 +223,7 @@ def load_first_stage(path: Path, cfg: AutoencoderConfig, channels: int):
         raise CheckpointError(f"{path}: no latent_scale in the safetensors metadata; write it with the autoencoder "
                               "stage")
     model = registry.build_autoencoder(cfg, channels)
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(read_weights(path))
     return registry.first_stage(model, float(meta["latent_scale"]), path, sha256_file(path))
 
 

@@ -135,33 +135,30 @@ def with_weights(run: RunConfig, state_dicts: Sequence[Mapping[str, typing.Any]]
     return model
 
 
-def check_autoencoder(name: str, cfg: AutoencoderConfig, dataset: DatasetConfig) -> None:
-    from meme.autoencoder import check_shapes
+def first_stage_module() -> types.ModuleType:
+    """The module of the latent datasets' autoencoder (`<FIRST_STAGE_FAMILY>/autoencoder.py`), imported on first use."""
+    return importlib.import_module(f"{FIRST_STAGE_FAMILY}.autoencoder")
 
+
+def check_autoencoder(name: str, cfg: AutoencoderConfig, dataset: DatasetConfig) -> None:
     try:
-        check_shapes(cfg, dataset)
+        first_stage_module().check_shapes(cfg, dataset)
     except ValueError as err:
         raise ConfigError(f"params.yaml: autoencoders.{name}: {err}") from None
 
 
 def build_autoencoder(cfg: AutoencoderConfig, channels: int) -> nn.Module:
-    """A latent dataset's autoencoder, freshly initialised (meme/autoencoder.py)."""
-    from meme.autoencoder import Autoencoder
-
-    return Autoencoder(cfg, channels)
+    """A latent dataset's autoencoder, freshly initialised."""
+    return first_stage_module().Autoencoder(cfg, channels)
 
 
 def first_stage(model: nn.Module, scale: float, path, sha256: str):
-    """A trained autoencoder as runs use it: encode to scaled latents, decode back (meme.autoencoder.FirstStage)."""
-    from meme.autoencoder import FirstStage
-
-    return FirstStage(model, scale, path, sha256)
+    """A trained autoencoder as runs use it: encode to scaled latents, decode back (the family's FirstStage)."""
+    return first_stage_module().FirstStage(model, scale, path, sha256)
 
 
 def autoencoder_loss(model: nn.Module, x, generator=None):
-    from meme.autoencoder import autoencoder_loss as loss
-
-    return loss(model, x, generator)
+    return first_stage_module().autoencoder_loss(model, x, generator)
 
 
 def check(params: Params, runs: Sequence[str] | None = None) -> None:

@@ -148,7 +148,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     model(torch.randn(2, 1, 32, 32), torch.rand(2))[0].sum().backward()
     opt.step()
     path = checkpoint.save(tmp_path, 7, model, ema, opt, extra={"note": "x"})
-    assert checkpoint.latest(tmp_path) == path
+    assert checkpoint.newest_intact(tmp_path)[0] == path
     fresh, fresh_ema = tiny_rin(), torch.optim.swa_utils.AveragedModel(tiny_rin())
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     state = checkpoint.load(path, fresh, fresh_ema, fresh_opt)
