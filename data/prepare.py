@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import zlib
@@ -38,6 +37,7 @@ from data.tarformat import (
     sample_shape,
     write_manifest,
 )
+from diffusion.args import out_folder, parser
 from diffusion.config import ConfigError, DatasetConfig, load_params
 
 log = logging.getLogger(__name__)
@@ -143,16 +143,12 @@ def write_dataset_shards(cfg: DatasetConfig, name: str, out_dir: str | Path,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m diffusion.cli shard", description=__doc__)
-    p.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    p = parser("shard", __doc__)
     p.add_argument("--dataset", required=True, help="a dataset named in params.yaml datasets")
     p.add_argument("--out", required=True, help="the shard root: writes <out>/<split>/shard-*.tar + manifest.json")
     args = p.parse_args(argv)
     params = load_params(args.params)
     if args.dataset not in params.datasets:
         raise ConfigError(f"params.yaml: no dataset named {args.dataset!r}; datasets are {sorted(params.datasets)}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file, not a folder; pass the shard root dvc.yaml names")
-    write_dataset_shards(params.datasets[args.dataset], args.dataset, out)
+    write_dataset_shards(params.datasets[args.dataset], args.dataset, out_folder(args.out))
     return 0

@@ -1,4 +1,5 @@
-"""What the stages' command lines share: the params file, the device, NAME=PATH pairs."""
+"""What the stages' command lines share (data/prepare.py's too): the params file, the device, NAME=PATH pairs, and
+output paths checked before anything is written."""
 
 from __future__ import annotations
 

@@ -82,7 +82,7 @@ def stage_closure(command: str, families: Iterable[str] = ()) -> set[str]:
     sys.path.insert(0, str(REPO))
     from diffusion.cli import STAGES
 
-    files = closure(["diffusion/cli.py", module_file(STAGES[command])])
+    files = closure(["diffusion/cli.py", *(module_file(m) for m in _with_parents(STAGES[command]))])
     if REGISTRY in files:
         for fam in families:
             files |= family_files(fam)

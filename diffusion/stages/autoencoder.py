@@ -14,16 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from data.batches import ArrayBatches, read_split
 from diffusion import registry
-from diffusion.checkpoint import AUTOENCODER_FILE, save_weights
+from diffusion.args import out_folder, parser
+from diffusion.checkpoint import AUTOENCODER_FILE, read_weights, save_weights
 from diffusion.config import AutoencoderConfig, ConfigError, DatasetConfig, load_params
 from diffusion.images import from_uint8
 from diffusion.io import sha256_file, write_json
-from diffusion.stages.common import out_folder, parser
 
 METRICS = "autoencoder.json"  # beside the shards: reconstruction error, latent scale, training log
 SCALE_IMAGES = 1024  # training images whose latents set latent_scale
@@ -112,7 +111,7 @@ def import_weights(cfg: AutoencoderConfig, channels: int) -> nn.Module:
         raise ConfigError(f"{path}: sha256 {digest} differs from the pinned weights.sha256 {cfg.weights.sha256}; "
                          "pin the new hash in params.yaml if these are the weights you mean")
     model = registry.build_autoencoder(cfg, channels)
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(read_weights(path))
     return model.eval()
 
 

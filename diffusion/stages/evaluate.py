@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from data.tarformat import DataError
+from diffusion.args import out_folder, parser
 from diffusion.config import ConfigError, Params, ReferenceSet, RunConfig, load_params
 from diffusion.io import write_json
 from diffusion.metrics import fid as fidlib
@@ -30,7 +31,6 @@ from diffusion.metrics.features import (
     timed_features,
 )
 from diffusion.metrics.inception_score import IS_NOT_AVAILABLE, compute_inception_score, load_is_classifier
-from diffusion.stages.common import out_folder, parser
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from diffusion import registry
+from diffusion.args import parser
 from diffusion.flops import denoiser_cost
-from diffusion.stages.common import parser
 
 
 def _describe_preset(cfg) -> str:

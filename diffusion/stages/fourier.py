@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from data.batches import read_split
+from diffusion import registry
+from diffusion.args import named_paths, out_folder, parser
 from diffusion.checkpoint import first_stage, load_trained, weight_files
 from diffusion.config import ConfigError, RunConfig, load_params
 from diffusion.images import from_uint8
 from diffusion.metrics import fourier
-from diffusion.registry import load_run
 from diffusion.schedules import Schedule
-from diffusion.stages.common import named_paths, out_folder, parser
 
 
 def train_dirs(run: RunConfig, weights: dict[str, Path]) -> list[Path]:
@@ -40,13 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     weights, shards = named_paths(args.weights, "--weights"), named_paths(args.shards, "--shards")
     params = load_params(args.params)
+    registry.check(params)
     cfg = params.evaluation.fourier
     if cfg is None:
         raise ConfigError("params.yaml: evaluation.fourier is missing: give {runs: [...], t: [...], split: test, "
                           "num_images: N, seed: 0}")
     spectra = {}
     for name in cfg.runs:
-        _, run = load_run(args.params, name)
+        run = params.run(name)
         if run.dataset_name not in shards:
             raise ConfigError(f"fourier: --shards has no shard root for dataset {run.dataset_name!r} (of {name})")
         root = shards[run.dataset_name]

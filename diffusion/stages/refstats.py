@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from data.batches import read_split
+from diffusion.args import out_file, parser
 from diffusion.config import ConfigError, DatasetConfig, ReferenceSet, load_params
 from diffusion.io import write_npz
 from diffusion.metrics import fid as fidlib
 from diffusion.metrics.features import feature_network_for, feature_space, timed_features
-from diffusion.stages.common import out_file, parser
 
 log = logging.getLogger(__name__)
 

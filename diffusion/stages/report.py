@@ -14,9 +14,9 @@ from typing import Any
 
 import pandas as pd
 
+from diffusion.args import named_paths, out_folder, parser
 from diffusion.config import ConfigError, ReportRow, load_params
 from diffusion.io import write_text
-from diffusion.stages.common import named_paths, out_folder, parser
 
 DASH = "—"
 Value = float | int | str | None  # a paper's number, or its exact wording when it is not a plain number

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from data.batches import read_split
 from diffusion import distributed
+from diffusion.args import add_device, out_folder, parser
 from diffusion.checkpoint import first_stage, load_trained, weight_files
 from diffusion.config import ConfigError, RunConfig
 from diffusion.distributed import Dist, autocast, barrier
@@ -29,7 +30,6 @@ from diffusion.io import fingerprint as settings_fingerprint
 from diffusion.io import sha256_file, write_json, write_npz, write_text
 from diffusion.registry import load_run, resolve_model
 from diffusion.sampling import sample
-from diffusion.stages.common import add_device, out_folder, parser
 
 
 def sample_labels(seeds: list[int], num_classes: int) -> torch.Tensor | None:
@@ -48,7 +48,7 @@ def _chunk_done(path: Path, fingerprint: str) -> bool:
         return False
     try:
         info = json.loads(meta.read_text())
-        return info["fingerprint"] == fingerprint and hashlib.sha256(path.read_bytes()).hexdigest() == info["sha256"]
+        return info["fingerprint"] == fingerprint and sha256_file(path) == info["sha256"]
     except (ValueError, KeyError, TypeError, OSError):
         return False
 

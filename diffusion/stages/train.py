@@ -10,11 +10,11 @@ from pathlib import Path
 
 from data.batches import training_source
 from diffusion import distributed
+from diffusion.args import add_device, out_folder, parser
 from diffusion.checkpoint import first_stage
 from diffusion.config import ConfigError
 from diffusion.io import exclusive_lock
 from diffusion.registry import load_run
-from diffusion.stages.common import add_device, out_folder, parser
 from diffusion.trainer import Trainer, align_live
 
 
