@@ -27,16 +27,21 @@ MAX_SEED = 2**32 - 1  # seeds combine with step and image indices into 64-bit ge
 class ScheduleConfig:
     """gamma(t) from 1 at t=0 to 0 at t=1 (pix2seq `diffusion_utils`)."""
 
-    kind: Literal["cosine", "sigmoid", "linear"]
-    start: float  # sigmoid: input at t=0 (e.g. -3); cosine: t offset in [0, 1)
-    end: float  # sigmoid: input at t=1 (e.g. 3); cosine: end of the t range in (0, 1]
-    tau: float = bounded(gt=0)  # temperature (sigmoid) or power/2 (cosine); unused by linear
+    # ldm: LDM's discrete "linear" schedule (sqrt(beta) linear from start to end over 1000 steps), t = k / 1000 at
+    # step k, so that MEME's intervals ((n-1)/N T, n/N T] fall where LDM's 1000-step schedule puts them
+    kind: Literal["cosine", "sigmoid", "linear", "ldm"]
+    start: float  # sigmoid: input at t=0 (e.g. -3); cosine: t offset in [0, 1); ldm: beta of the first step
+    end: float  # sigmoid: input at t=1 (e.g. 3); cosine: end of the t range in (0, 1]; ldm: beta of the last step
+    tau: float = bounded(gt=0)  # temperature (sigmoid) or power/2 (cosine); unused by linear and ldm
 
     def __post_init__(self) -> None:
         if self.end <= self.start:
             raise ConfigError(f"schedule.end must be > schedule.start, got start={self.start}, end={self.end}")
         if self.kind == "cosine" and not (0.0 <= self.start < self.end <= 1.0):
             raise ConfigError(f"cosine schedule needs 0 <= start < end <= 1, got start={self.start}, end={self.end}")
+        if self.kind == "ldm" and not (0.0 < self.start < self.end < 1.0):
+            raise ConfigError(f"ldm schedule needs betas 0 < start < end < 1 (LDM: 0.0015, 0.0195), got "
+                              f"start={self.start}, end={self.end}")
 
 
 @dataclass(frozen=True)

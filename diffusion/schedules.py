@@ -36,6 +36,23 @@ def linear(t: torch.Tensor) -> torch.Tensor:
     return (1.0 - t).clamp(GAMMA_MIN, 1.0)
 
 
+LDM_STEPS = 1000  # LDM's (and DDPM's) number of discrete timesteps
+
+
+def ldm(t: torch.Tensor, start: float = 0.0015, end: float = 0.0195) -> torch.Tensor:
+    """LDM's discrete "linear" schedule made continuous: betas with sqrt(beta) linear from start to end over 1000
+    steps (latent-diffusion make_beta_schedule), gamma at t = k / 1000 is alpha_bar after k steps (LDM's timestep
+    index k - 1), and log gamma is linear in t between those points."""
+    betas = torch.linspace(start**0.5, end**0.5, LDM_STEPS, dtype=torch.float64) ** 2
+    log_gamma = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(torch.log1p(-betas), 0)])
+    pos = t.to(torch.float64).clamp(0.0, 1.0) * LDM_STEPS
+    lo = pos.floor().clamp(max=LDM_STEPS - 1)
+    frac = pos - lo
+    lo = lo.long()
+    out = torch.exp(log_gamma[lo] * (1 - frac) + log_gamma[lo + 1] * frac)
+    return out.to(t.dtype if t.is_floating_point() else torch.float32).clamp(GAMMA_MIN, 1.0)
+
+
 class Schedule:
     """gamma(t) for a ScheduleConfig; call it on a tensor of times in [0, 1]."""
 
@@ -48,6 +65,8 @@ class Schedule:
             return cosine(t, self.cfg.start, self.cfg.end, self.cfg.tau)
         if self.cfg.kind == "sigmoid":
             return sigmoid(t, self.cfg.start, self.cfg.end, self.cfg.tau)
+        if self.cfg.kind == "ldm":
+            return ldm(t, self.cfg.start, self.cfg.end)
         return linear(t)
 
     def __repr__(self) -> str:

@@ -51,12 +51,21 @@ def falling_ratios(widths: Sequence[int], head_width: int, top: float, bottom: f
 
 
 def expert_ratios(
-    widths: Sequence[int], head_width: int, n: int, count: int, top: float, bottom_first: float, bottom_last: float
+    widths: Sequence[int],
+    head_width: int,
+    n: int,
+    count: int,
+    tops: tuple[float, float],
+    bottoms: tuple[float, float],
 ) -> tuple[float, ...]:
-    """Expert n's schedule (MEME: d_h / d_l falls with depth, and falls faster for experts at larger t):
-    every expert starts at `top`; its deepest level reaches a bottom that moves linearly from `bottom_first`
-    (expert 1, near t = 0) to `bottom_last` (expert N, near t = 1)."""
-    bottom = bottom_first + (bottom_last - bottom_first) * (n - 1) / max(count - 1, 1)
+    """Expert n's schedule. MEME: d_h / d_l falls with depth, and falls faster for an expert at larger t. Each
+    expert falls linearly from its top (level 0) to its bottom (deepest level); tops move linearly from tops[0]
+    (expert 1, near t = 0) to tops[1] (expert N), bottoms from bottoms[0] to bottoms[1]. With a bottom range wider
+    than the top range, a later expert starts lower and falls further; presets check that the snapped values fall
+    at every level and differ between experts at every level (tests/meme/test_meme.py)."""
+    f = (n - 1) / max(count - 1, 1)
+    top = tops[0] + (tops[1] - tops[0]) * f
+    bottom = bottoms[0] + (bottoms[1] - bottoms[0]) * f
     return falling_ratios(widths, head_width, top, bottom)
 
 

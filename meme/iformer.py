@@ -124,9 +124,12 @@ class IFormerBlock(nn.Module):
     """x = x + Mixer(LN(x)); x = x + MLP(LN(x)), with a 1x1-conv GELU MLP. The two branch outputs start at zero
     (ADM's habit for residual branches in a denoiser; iFormer itself uses a 1e-6 layer scale to the same end)."""
 
-    def __init__(self, dim: int, ratio: float, head_width: int, pool: int, mlp_ratio: float, dropout: float = 0.0):
+    def __init__(self, dim: int, ratio: float, head_width: int, pool: int, mlp_ratio: float, dropout: float = 0.0,
+                 emb_dim: int = 0):
         super().__init__()
         hidden = int(round(dim * mlp_ratio))
+        # emb_dim > 0: the noise-level embedding, projected, is added to the block's input (as in a residual block)
+        self.emb = nn.Linear(emb_dim, dim) if emb_dim else None
         self.norm1, self.norm2 = ChannelLayerNorm(dim, eps=1e-6), ChannelLayerNorm(dim, eps=1e-6)
         self.mixer = InceptionMixer(dim, ratio, head_width, pool)
         self.mlp = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.Dropout(dropout), nn.Conv2d(hidden, dim, 1))
@@ -134,6 +137,10 @@ class IFormerBlock(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        if self.emb is not None:
+            if emb is None:
+                raise ValueError("this iFormer block takes the noise-level embedding (emb_dim > 0); pass emb")
+            x = x + self.emb(F.silu(emb))[:, :, None, None]  # (B, d, H, W)
         x = x + self.mixer(self.norm1(x))  # (B, d, H, W)
         return x + self.mlp(self.norm2(x))

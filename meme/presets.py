@@ -34,6 +34,8 @@ def _unet(**kw) -> UNetConfig:
         iformer_ratios=(),
         iformer_pool=(),
         iformer_mlp_ratio=4.0,
+        iformer_head_channels=0,
+        iformer_time_embed=False,
         num_classes=0,
         self_cond=False,
     )
@@ -50,28 +52,39 @@ def _widths(model_channels: int, mult: tuple[int, ...]) -> tuple[int, ...]:
 LDM_L = _unet(data_shape=(64, 64), model_channels=224, channel_mult=(1, 2, 3, 4), attention_levels=(1, 2, 3))
 # LDM-S: the same layout at 128 channels (~90M, the size of MEME's small baselines).
 LDM_S = _unet(data_shape=(64, 64), model_channels=128, channel_mult=(1, 2, 3, 4), attention_levels=(1, 2, 3))
-# iU-LDM-S: iFormer blocks after the encoder's residual blocks; level 2 kept at 256 channels so that the whole is
-# ~83M (the paper's iU-Net is 82.9M); pool 2 on the 64 and 32 maps, 1 deeper (as iFormer on its 56 and 28 maps).
+# iU-LDM-S: iFormer blocks after the encoder's residual blocks; level 2 kept at 256 channels to stay near the
+# paper's 82.9M (test_meme.py pins our count); pool 2 on the 64 and 32 maps, 1 deeper (as iFormer on its 56 and 28
+# maps). The low mixer's heads are 16 channels wide (the U-Net's attention keeps 32), so that the ratio d_h / d can
+# step by 1/8 at level 0 and four experts can differ there.
 _IU_MULT = (1, 2, 2, 4)
 _IU_WIDTHS = _widths(128, _IU_MULT)
+_IU_HEAD = 16
 IU_LDM_S = _unet(
     data_shape=(64, 64),
     model_channels=128,
     channel_mult=_IU_MULT,
     attention_levels=(1, 2, 3),
-    iformer_ratios=falling_ratios(_IU_WIDTHS, 32, 0.75, 0.25),
+    iformer_ratios=falling_ratios(_IU_WIDTHS, _IU_HEAD, 0.75, 0.25),
     iformer_pool=(2, 2, 1, 1),
+    iformer_head_channels=_IU_HEAD,
 )
+
+# Every expert's d_h / d falls with depth, a later expert (larger t) starts lower and falls further: tops from 1
+# (expert 1: pure convolution at full resolution) to 0.625 (expert 4), bottoms from 0.5 to 0 (pure attention). The
+# paper gives the rule, not the values (SPEC section 2: unverified).
+EXPERT_TOPS, EXPERT_BOTTOMS = (1.0, 0.625), (0.5, 0.0)
 
 
 def _meme_ldm(n: int) -> UNetConfig:
-    """MEME expert n of 4 in latent space: ratios from 0.75 at level 0 down to 0.5 (expert 1) ... 0.125 (expert 4)."""
-    return replace(IU_LDM_S, iformer_ratios=expert_ratios(_IU_WIDTHS, 32, n, NUM_EXPERTS, 0.75, 0.5, 0.125))
+    """MEME expert n of 4 in latent space."""
+    ratios = expert_ratios(_IU_WIDTHS, _IU_HEAD, n, NUM_EXPERTS, EXPERT_TOPS, EXPERT_BOTTOMS)
+    return replace(IU_LDM_S, iformer_ratios=ratios)
 
 
 # Fashion-MNIST padded to 32x32x1 on a 2-core CPU: four levels down to 4x4, 16 channels at full resolution,
-# one residual block per level, ADM's scale-shift norm; 8-channel heads so that the iFormer ratios have steps of
-# 1/2, 1/4 and 1/8 at widths 16, 32 and 64.
+# one residual block per level, ADM's scale-shift norm, 8-channel attention heads. The iFormer low mixer's heads are
+# 2 channels wide, so that the ratios step by 1/8, 1/16 and 1/32 at widths 16, 32 and 64 and the four experts can
+# differ at every level (with 8-channel heads level 0 allows only 0, 0.5 and 1).
 _FM_MULT = (1, 2, 4, 4)
 _FM_WIDTHS = _widths(16, _FM_MULT)
 UNET_FMNIST = _unet(
@@ -86,12 +99,18 @@ UNET_FMNIST = _unet(
     scale_shift_norm=True,
     iformer_mlp_ratio=2.0,
 )
-IUNET_FMNIST = replace(UNET_FMNIST, iformer_ratios=falling_ratios(_FM_WIDTHS, 8, 0.5, 0.25), iformer_pool=(2, 2, 1, 1))
+_FM_HEAD = 2
+IUNET_FMNIST = replace(
+    UNET_FMNIST,
+    iformer_ratios=falling_ratios(_FM_WIDTHS, _FM_HEAD, 0.75, 0.25),
+    iformer_pool=(2, 2, 1, 1),
+    iformer_head_channels=_FM_HEAD,
+)
 
 
 def _meme_fmnist(n: int) -> UNetConfig:
-    """MEME expert n of 4 on Fashion-MNIST: ratios from 0.5 at level 0 down to 0.5 (expert 1) ... 0.125 (expert 4)."""
-    ratios = expert_ratios(_FM_WIDTHS, 8, n, NUM_EXPERTS, 0.5, 0.5, 0.125)
+    """MEME expert n of 4 on Fashion-MNIST, by the latent-space experts' rule."""
+    ratios = expert_ratios(_FM_WIDTHS, _FM_HEAD, n, NUM_EXPERTS, EXPERT_TOPS, EXPERT_BOTTOMS)
     return replace(IUNET_FMNIST, iformer_ratios=ratios)
 
 

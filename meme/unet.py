@@ -39,6 +39,13 @@ class UNetConfig:
     iformer_ratios: tuple[float, ...]  # iU-Net: d_h / d of the encoder's iFormer blocks per level; (): plain U-Net
     iformer_pool: tuple[int, ...]  # iU-Net: low-mixer average-pool size per level (iFormer: 2 early, 1 deeper)
     iformer_mlp_ratio: float = bounded(gt=0)  # iU-Net: MLP hidden width / block width of the iFormer blocks
+    # iU-Net: channels per head of the iFormer low mixer (they set the steps the ratios can take: d_l is whole
+    # heads); 0: the U-Net's attention head width
+    iformer_head_channels: int = bounded(ge=0)
+    # iU-Net: the iFormer block also receives the noise-level embedding (SiLU -> Linear, added to its input, as a
+    # residual block does); False: only the residual block before it does. The paper's Fig. 4 settles this; it is
+    # not available here, so this stays a setting (default False, unverified).
+    iformer_time_embed: bool
     num_classes: int = bounded(ge=0)  # 0: unconditional; otherwise a class embedding joins the noise-level embedding
     self_cond: bool  # must be False: a U-Net has no latent state to self-condition on
 
@@ -47,8 +54,12 @@ class UNetConfig:
         return tuple(self.model_channels * m for m in self.channel_mult)
 
     def head_width(self, dim: int) -> int:
-        """Channels per attention head in a block of width dim (also the iFormer low mixer's head width)."""
+        """Channels per attention head in a block of width dim."""
         return self.head_channels if self.head_channels > 0 else dim // self.num_heads
+
+    def iformer_head_width(self, dim: int) -> int:
+        """Channels per head of the iFormer low mixer in a block of width dim."""
+        return self.iformer_head_channels or self.head_width(dim)
 
     def validate(self) -> None:
         """Raise ValueError naming the field when the configuration cannot build a model."""
@@ -90,7 +101,7 @@ class UNetConfig:
             )
         for k, (ratio, pool, width) in enumerate(zip(self.iformer_ratios, self.iformer_pool, self.widths)):
             try:
-                split_channels(width, ratio, self.head_width(width))
+                split_channels(width, ratio, self.iformer_head_width(width))
             except ValueError as err:
                 raise ValueError(f"iformer_ratios[{k}]: {err}") from None
             side = min(self.data_shape) // 2**k
@@ -194,7 +205,7 @@ class EmbedSequential(nn.Sequential):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            x = layer(x, emb) if isinstance(layer, ResBlock | IFormerBlock) else layer(x)
         return x
 
 
@@ -247,9 +258,10 @@ class UNet(nn.Module):
                 IFormerBlock(
                     width,
                     cfg.iformer_ratios[level],
-                    cfg.head_width(width),
+                    cfg.iformer_head_width(width),
                     cfg.iformer_pool[level],
                     cfg.iformer_mlp_ratio,
+                    emb_dim=4 * cfg.model_channels if cfg.iformer_time_embed else 0,
                 )
             ]
         return [self._attention(width)] if level in cfg.attention_levels else []

@@ -51,3 +51,26 @@ def test_endpoints_monotone_and_clipped(cfg):
 def test_float32_input_stays_in_range():
     g = Schedule(ScheduleConfig("sigmoid", -3, 3, 0.9))(torch.rand(1000))
     assert g.dtype == torch.float32 and torch.all((g >= GAMMA_MIN) & (g <= 1))
+
+
+def test_ldm_schedule_is_ldms_alpha_bar_at_every_step():
+    """kind ldm at t = k / 1000 is alpha_bar after k of LDM's 1000 steps (betas: sqrt-linear from 0.0015 to
+    0.0195, the FFHQ / CelebA-HQ configs), computed here by the discrete product; between steps it stays between
+    its neighbours, and it falls monotonically."""
+    betas = [(0.0015**0.5 + (0.0195**0.5 - 0.0015**0.5) * i / 999) ** 2 for i in range(1000)]
+    alpha_bar = [1.0]
+    for b in betas:
+        alpha_bar.append(alpha_bar[-1] * (1 - b))
+    sched = Schedule(ScheduleConfig("ldm", 0.0015, 0.0195, 1.0))
+    k = torch.arange(1001, dtype=torch.float64)
+    got = sched(k / 1000)
+    assert got.tolist() == pytest.approx(alpha_bar, rel=1e-9)
+    mid = sched((k[:-1] + 0.5) / 1000)
+    assert torch.all(mid < got[:-1]) and torch.all(mid > got[1:])
+    assert sched(torch.tensor([0.25])).item() == pytest.approx(alpha_bar[250], rel=1e-5)  # float32 input
+
+
+@pytest.mark.parametrize("start,end", [(0.0, 0.02), (0.02, 0.0015), (0.0015, 1.0)])
+def test_ldm_schedule_refuses_betas_out_of_range(start, end):
+    with pytest.raises(ValueError, match="ldm schedule needs betas|end must be > schedule.start"):
+        ScheduleConfig("ldm", start, end, 1.0)

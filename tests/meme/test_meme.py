@@ -60,16 +60,39 @@ def test_paper_presets_match_the_papers_parameter_counts(name, paper_millions, t
     assert abs(count / 1e6 - paper_millions) <= tolerance * paper_millions, count
 
 
-def test_expert_ratio_schedules_fall_with_depth_and_faster_for_later_experts():
-    for family in ("meme_ldm", "meme_fmnist"):
-        ratios = [PRESETS[f"{family}_e{n}"].iformer_ratios for n in range(1, 5)]
-        for r in ratios:
-            assert all(a >= b for a, b in zip(r, r[1:])), r  # falls with depth
-        for early, late in zip(ratios, ratios[1:]):
-            assert all(a >= b for a, b in zip(early, late)) and early != late  # lower for experts at larger t
-        assert ratios[-1][-1] < ratios[0][-1]
+@pytest.mark.parametrize("family", ["meme_ldm", "meme_fmnist"])
+def test_expert_ratio_schedules_fall_with_depth_and_faster_for_later_experts(family):
+    """MEME's rule on the presets' snapped ratios: every expert's d_h / d falls strictly with depth; at every level a
+    later expert (larger t) has a strictly lower ratio, so no two experts share a level's architecture; and a later
+    expert falls further from its first level to its last."""
+    ratios = [PRESETS[f"{family}_e{n}"].iformer_ratios for n in range(1, 5)]
+    for r in ratios:
+        assert all(a > b for a, b in zip(r, r[1:])), r
+    for early, late in zip(ratios, ratios[1:]):
+        assert all(a > b for a, b in zip(early, late)), (early, late)
+    falls = [r[0] - r[-1] for r in ratios]
+    assert all(a < b for a, b in zip(falls, falls[1:])), falls
     with pytest.raises(ValueError, match="not a whole number"):
         UNet(dataclasses.replace(PRESETS["iunet_tiny"], iformer_ratios=(0.5, 0.3)))
+
+
+def test_iformer_time_embedding_is_a_setting_that_conditions_the_block():
+    """iformer_time_embed: the iFormer blocks take the noise-level embedding (their output then depends on gamma
+    through their own weights); off, they hold no embedding weights and the U-Net is unchanged."""
+    off = PRESETS["iunet_tiny"]
+    on = dataclasses.replace(off, iformer_time_embed=True)
+    torch.manual_seed(0)
+    model_on = UNet(on)
+    blocks = [m for m in model_on.modules() if isinstance(m, IFormerBlock)]
+    assert blocks and all(b.emb is not None for b in blocks)
+    assert n_params(model_on) > n_params(UNet(off))
+    assert all(b.emb is None for b in UNet(off).modules() if isinstance(b, IFormerBlock))
+    block = blocks[0]
+    x = torch.randn(2, block.norm1.normalized_shape[0], 8, 8)
+    emb_a, emb_b = torch.randn(2, block.emb.in_features), torch.randn(2, block.emb.in_features)
+    assert not torch.allclose(block(x, emb_a), block(x, emb_b))
+    with pytest.raises(ValueError, match="pass emb"):
+        block(x)
 
 
 def test_unet_starts_at_zero_and_conditions_on_gamma_and_class():
