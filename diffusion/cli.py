@@ -23,6 +23,8 @@ STAGES = {  # command -> module with main(argv)
     "fourier": "diffusion.stages.fourier",
     "report": "diffusion.stages.report",
     "flops": "diffusion.stages.flops",
+    "recipe": "diffusion.stages.recipe",
+    "plan": "diffusion.stages.plan",
 }
 USAGE = f"usage: python -m diffusion.cli [--params FILE] {{{','.join(STAGES)}}} ... (each takes --help)"
 

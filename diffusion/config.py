@@ -211,11 +211,12 @@ class RunConfig:
     eval: EvalConfig
     experts: tuple[RunConfig, ...] = ()  # the runs named by model.experts, attached by parse_params
     autoencoder: AutoencoderConfig | None = None  # set when the dataset is a latent dataset (autoencoders.<dataset>)
+    scope: str = ""  # "paper": a run of params.yaml's `paper` section (paper scale, not built by `dvc repro`)
 
     @property
     def params_key(self) -> str:
-        """The run's key path in params.yaml, e.g. runs.rin_fmnist or experts.meme_fmnist_e1."""
-        return f"{self.section}.{self.name}"
+        """The run's key path in params.yaml, e.g. runs.rin_fmnist, experts.meme_fmnist_e1 or paper.runs.rin_cifar10."""
+        return f"{self.scope}.{self.section}.{self.name}" if self.scope else f"{self.section}.{self.name}"
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,9 @@ class Params:
     ensembles: dict[str, RunConfig]  # `ensembles`: MEME multi-expert runs, sampled and evaluated from their experts
     autoencoders: dict[str, AutoencoderConfig]  # latent dataset -> the autoencoder whose latents it serves
     evaluation: EvaluationConfig
+    # The `paper` section: paper-scale pipeline, autoencoders, runs and evaluation, for GPUs (never built by
+    # `dvc repro`); None when params.yaml has none.
+    paper: Params | None = None
 
     @property
     def all_runs(self) -> dict[str, RunConfig]:
@@ -290,6 +294,15 @@ class Params:
             raise ConfigError(f"params.yaml: no run named {name!r} under {', '.join(RUN_SECTIONS)}; runs are "
                               f"{sorted(runs)}")
         return runs[name]
+
+    def any_run(self, name: str) -> tuple[Params, RunConfig]:
+        """A run of the pipeline's sections or of the `paper` section, with the params it belongs to."""
+        for params in (self, self.paper):
+            if params is not None and name in params.all_runs:
+                return params, params.all_runs[name]
+        paper = sorted(self.paper.all_runs) if self.paper else []
+        raise ConfigError(f"params.yaml: no run named {name!r}; pipeline runs are {sorted(self.all_runs)}, "
+                          f"paper-scale runs (section paper) are {paper}")
 
 
 def check_role(run: RunConfig) -> None:
@@ -382,7 +395,7 @@ RUN_SECTIONS: dict[str, tuple[str, ...]] = {
 
 def parse_run(section: Section, name: str, run_raw: Any, defaults: Mapping[str, Any],
               datasets: Mapping[str, DatasetConfig], pipeline: PipelineConfig,
-              autoencoders: Mapping[str, AutoencoderConfig]) -> RunConfig:
+              autoencoders: Mapping[str, AutoencoderConfig], scope: str = "") -> RunConfig:
     """One run of a section: its own keys deep-merged over `defaults`, typed and checked."""
     key, allowed = f"{section}.{name}", RUN_SECTIONS[section]
     if not isinstance(run_raw, Mapping):
@@ -413,7 +426,8 @@ def parse_run(section: Section, name: str, run_raw: Any, defaults: Mapping[str, 
     run = build_dataclass(RunConfig, merged, key, extra={"name": name, "section": section,
                                                          "dataset_name": dataset_name,
                                                          "dataset": datasets[dataset_name],
-                                                         "autoencoder": autoencoders.get(dataset_name)})
+                                                         "autoencoder": autoencoders.get(dataset_name),
+                                                         "scope": scope})
     frames = datasets[dataset_name].frames
     if run.diffusion.context_frames and run.diffusion.context_frames >= max(frames, 1):
         what = f"the {frames} frames of its clips" if frames else "images (dataset frames: 0)"
@@ -434,15 +448,35 @@ def check_name(section: str, name: Any) -> None:
                           "use letters, digits, '_', '.' and '-' (starting with a letter or digit, no '..')")
 
 
-def parse_params(raw: Mapping[str, Any]) -> Params:
-    """Turn the parsed YAML into typed objects, validating everything (including model overrides)."""
-    top = ("pipeline", "datasets", "autoencoders", "defaults", *RUN_SECTIONS, "evaluation")
+# The keys of params.yaml's `paper` section: a paper-scale params file that shares `datasets` and `defaults`.
+PAPER_KEYS = ("pipeline", "autoencoders", *RUN_SECTIONS, "evaluation")
+
+
+def paper_section(raw: Mapping[str, Any]) -> dict[str, Any] | None:
+    """params.yaml's data with the `paper` section in place of the pipeline's own sections (what a paper-scale
+    workspace runs), or None when there is no such section."""
+    paper = raw.get("paper")
+    if not paper:
+        return None
+    if not isinstance(paper, Mapping):
+        raise ConfigError(f"params.yaml: paper must be a mapping with keys {', '.join(PAPER_KEYS)}")
+    unknown = sorted(set(paper) - set(PAPER_KEYS))
+    if unknown:
+        raise ConfigError(f"params.yaml: unknown key paper.{unknown[0]}; allowed: {', '.join(PAPER_KEYS)}")
+    out = {k: v for k, v in raw.items() if k != "paper"}
+    return out | {k: paper.get(k, {}) for k in PAPER_KEYS}
+
+
+def parse_params(raw: Mapping[str, Any], scope: str = "") -> Params:
+    """Turn the parsed YAML into typed objects, validating everything (including model overrides and the `paper`
+    section)."""
+    top = ("pipeline", "datasets", "autoencoders", "defaults", *RUN_SECTIONS, "evaluation", "paper")
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params.yaml must be a mapping with keys {', '.join(top)}")
     unknown = sorted(set(raw) - set(top))
     if unknown:
         raise ConfigError(f"params.yaml: unknown top-level key {unknown[0]}; allowed: {', '.join(top)}")
-    for key in top:
+    for key in top[:-1]:
         if not isinstance(raw.get(key), Mapping):
             raise ConfigError(f"params.yaml: missing or malformed top-level section {key!r} (a mapping; `{key}: {{}}` "
                               "when empty)")
@@ -465,7 +499,7 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
             if name in runs:  # outputs/<name>/ and `diffusion.cli train <name>` address a run by its name alone
                 raise ConfigError(f"params.yaml: {section}.{name}: the name is taken by {runs[name].params_key}; "
                                   "run names must be unique across runs, experts and ensembles")
-            runs[name] = parse_run(section, name, run_raw, raw["defaults"], datasets, pipeline, autoencoders)
+            runs[name] = parse_run(section, name, run_raw, raw["defaults"], datasets, pipeline, autoencoders, scope)
     runs = attach_experts(runs)
     evaluation = build_dataclass(EvaluationConfig, raw["evaluation"], "evaluation")
     for name in evaluation.references:
@@ -476,8 +510,15 @@ def parse_params(raw: Mapping[str, Any]) -> Params:
     if evaluation.fourier is not None:
         check_fourier(evaluation.fourier, runs)
     sections = {section: {n: r for n, r in runs.items() if r.section == section} for section in RUN_SECTIONS}
+    paper_raw = paper_section(raw)
+    paper = None
+    if paper_raw is not None:
+        try:
+            paper = parse_params(paper_raw, scope="paper")
+        except ConfigError as err:
+            raise ConfigError(f"{err} (in params.yaml's `paper` section: the key paths are under paper.)") from None
     return Params(pipeline=pipeline, datasets=datasets, autoencoders=autoencoders, evaluation=evaluation,
-                  **sections)
+                  paper=paper, **sections)
 
 
 class _StrictLoader(yaml.SafeLoader):

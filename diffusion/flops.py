@@ -51,3 +51,42 @@ def denoiser_cost(model: nn.Module, data_shape: tuple[int, ...], channels: int, 
     with torch.no_grad():
         flops, by_op = count_flops(lambda: model(x, gamma, labels, None))
     return Cost(params=count_params(model), flops=flops, by_op=by_op)
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What one training example and one sampling call cost, counted on the meta device (shapes only, no compute)."""
+
+    params: int
+    forward_flops: int  # one denoiser call, one example
+    train_flops: int  # forward + backward of one example (no self-conditioning pass)
+    activation_bytes: int  # tensors autograd saves for the backward of one example, fp32 (a view counts as its base)
+
+
+def step_cost(build: Callable[[], nn.Module], data_shape: tuple[int, ...], channels: int,
+              num_classes: int = 0) -> StepCost:
+    """Count a model that `build()` makes, without allocating it: it is built and run on the meta device."""
+    with torch.device("meta"):
+        model = build()
+        x = torch.zeros(1, channels, *data_shape)
+        gamma = torch.full((1,), 0.5)
+        labels = torch.zeros(1, dtype=torch.long) if num_classes else None
+    saved: dict[int, torch.Tensor] = {}  # id -> tensor (held, so that ids stay unique), a view counted as its base
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        saved[id(base)] = base
+        return t
+
+    def forward_backward() -> None:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, _ = model(x, gamma, labels, None)
+        out.float().sum().backward()
+
+    model.train()
+    train_flops, _ = count_flops(forward_backward)
+    model.eval()
+    with torch.no_grad():
+        forward_flops, _ = count_flops(lambda: model(x, gamma, labels, None))
+    activations = sum(t.numel() * t.element_size() for t in saved.values())
+    return StepCost(count_params(model), forward_flops, train_flops, activations)

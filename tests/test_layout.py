@@ -49,6 +49,8 @@ def families_of(stage: str, params) -> tuple[str, ...]:
     kind, _, key = stage.partition("@")
     if kind == "autoencoder":
         return ("meme",)
+    if kind == "report":  # it resolves every mapped run's model to set its settings beside the paper's recipe
+        return tuple(sorted({params.run(n).model.family for n in params.evaluation.report if n in params.all_runs}))
     if kind == "fourier":
         return tuple(sorted({params.run(n).model.family for n in params.evaluation.fourier.runs}))
     if key and key in params.all_runs:

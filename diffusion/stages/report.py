@@ -14,9 +14,11 @@ from typing import Any
 
 import pandas as pd
 
+from diffusion import registry
 from diffusion.args import named_paths, out_folder, parser
-from diffusion.config import ConfigError, ReportRow, load_params
+from diffusion.config import ConfigError, Params, ReportRow, load_params
 from diffusion.io import write_text
+from diffusion.recipes import RECIPES_FILE, compare, differences, load_recipes, run_settings
 
 DASH = "—"
 Value = float | int | str | None  # a paper's number, or its exact wording when it is not a plain number
@@ -83,7 +85,14 @@ PAPER_TABLES: dict[str, PaperTable] = {t.key: t for t in (
              samples=None),
     ), RIN_SOURCE),
     PaperTable("meme_table1", "MEME Table 1: latent-space generation, 256x256", ("FID",), (
-        _meme("ffhq256_ldm", "FFHQ 256, latent (VQ f=4), LDM-L baseline", "~9.14", "274M"),
+        _meme("ffhq256_ldm", "FFHQ 256, latent (VQ f=4), LDM-L baseline", "~9.14", "274M",
+              "SPEC §2, unverified; the paper's 288.2 GMACs for LDM-L count more than the denoiser: ours (`flops "
+              "--preset ldm_l`) is 101.2 GMACs, one U-Net call on 64x64x3 latents with attention; what the paper "
+              "adds (first stage, batch, or steps) is not stated"),
+        _meme("ffhq256_ldm_s", "FFHQ 256, latent, LDM-S (the small baseline)", None, "90M"),
+        _meme("ffhq256_iu_ldm_s", "FFHQ 256, latent, iU-LDM-S (one iU-Net for all t)", None, "82.9M"),
+        _meme("ffhq256_multi", "FFHQ 256, latent, Multi-Expert (4 LDM-S experts, one architecture)", None,
+              "4 x 90M"),
         _meme("ffhq256_meme", "FFHQ 256, latent, MEME (4 experts, ~3.3x faster)", "8.52 (-0.62 vs LDM-L)",
               "4 x 82.9M", "SPEC §2, unverified (the -0.62 delta: abstract)"),
         _meme("celebahq256_ldm", "CelebA-HQ 256, latent, LDM-L baseline", None, "274M"),
@@ -237,16 +246,32 @@ def our_setting(res: RunResult, placement: ReportRow) -> str:
     return ", ".join(parts) or DASH
 
 
-def row_record(table: PaperTable, paper: PaperRow, placed: tuple[str, ReportRow, RunResult] | None) -> dict[str, str]:
-    """One output row: the paper's numbers, ours beside each (or a dash), and notes saying why a cell is a dash."""
+SHOWN_DIFFERENCES = 4  # settings named in the "vs the paper's recipe" cell; `recipe RUN` lists them all
+
+
+def recipe_cell(name: str, differing: Sequence[str] | None) -> str:
+    """How many of a run's settings differ from its paper row's recipe (recipes.yaml), and the first few."""
+    if differing is None:
+        return DASH
+    if not differing:
+        return "follows it"
+    shown = ", ".join(differing[:SHOWN_DIFFERENCES]) + (", ..." if len(differing) > SHOWN_DIFFERENCES else "")
+    return f"{len(differing)} differ: {shown} (`recipe {name}`)"
+
+
+def row_record(table: PaperTable, paper: PaperRow, placed: tuple[str, ReportRow, RunResult] | None,
+               differing: Sequence[str] | None = None) -> dict[str, str]:
+    """One output row: the paper's numbers, ours beside each (or a dash), how the run's settings differ from the
+    paper's recipe, and notes saying why a cell is a dash."""
     notes: list[str] = []
     record = {"paper row": paper.setting, "source": paper.source}
     if placed is None:
-        record |= {"run": DASH, "our setting": DASH}
+        record |= {"run": DASH, "our setting": DASH, "vs the paper's recipe": DASH}
         notes.append("no run of ours for this row (map one in params.yaml evaluation.report)")
     else:
         name, placement, res = placed
-        record |= {"run": name, "our setting": our_setting(res, placement)}
+        record |= {"run": name, "our setting": our_setting(res, placement),
+                   "vs the paper's recipe": recipe_cell(name, differing)}
         notes += [m for m in res.missing if m.startswith(("eval:", "train:"))]
     ours = _our_costs(placed[2]) if placed else {}
     for metric in table.metrics:
@@ -263,7 +288,7 @@ def row_record(table: PaperTable, paper: PaperRow, placed: tuple[str, ReportRow,
 
 def columns(table: PaperTable) -> list[str]:
     pairs = [f"{c} {side}" for c in (*table.metrics, *COST_COLUMNS) for side in ("paper", "ours")]
-    return ["paper row", "source", "run", "our setting", *pairs, "notes"]
+    return ["paper row", "source", "run", "our setting", "vs the paper's recipe", *pairs, "notes"]
 
 
 def check_mapping(mapping: Mapping[str, ReportRow]) -> None:
@@ -275,13 +300,16 @@ def check_mapping(mapping: Mapping[str, ReportRow]) -> None:
                               f"{placement.table}, got {placement.row!r}")
 
 
-def table_frame(table: PaperTable, mapping: Mapping[str, ReportRow], results: Mapping[str, RunResult]) -> pd.DataFrame:
-    """The table as strings: each paper row once per run mapped to it (or once with dashes when none is)."""
+def table_frame(table: PaperTable, mapping: Mapping[str, ReportRow], results: Mapping[str, RunResult],
+                differing: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
+    """The table as strings: each paper row once per run mapped to it (or once with dashes when none is).
+    `differing`: each run's settings that differ from its row's recipe (absent: a dash)."""
     records = []
+    differing = differing or {}
     for paper in table.rows:
         runs = sorted(r for r, p in mapping.items() if p.table == table.key and p.row == paper.key)
         placed = [(r, mapping[r], results[r]) for r in runs] or [None]
-        records += [row_record(table, paper, p) for p in placed]
+        records += [row_record(table, paper, p, differing.get(p[0]) if p else None) for p in placed]
     return pd.DataFrame.from_records(records, columns=columns(table))
 
 
@@ -445,10 +473,11 @@ HEADER = [
 
 def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], run_dirs: Mapping[str, Path],
                  out_dir: Path, ensembles: Mapping[str, Sequence[str]] | None = None,
-                 fourier: Path | None = None) -> Path:
+                 fourier: Path | None = None, differing: Mapping[str, Sequence[str]] | None = None) -> Path:
     """out_dir: report.md, <table>.csv and <table>.tex per paper table, loss.png (fid.png), grids/. `run_dirs`: each
     run's folder (outputs/<run>). `ensembles`: each MEME ensemble's expert runs, whose training its rows and the loss
-    curves show. `fourier`: the fourier stage's folder, whose figure gets a section (none when None)."""
+    curves show. `fourier`: the fourier stage's folder, whose figure gets a section (none when None). `differing`:
+    each mapped run's settings that differ from its paper row's recipe (recipes.yaml)."""
     check_mapping(mapping)
     ensembles = dict(ensembles or {})
     experts = {e for group in ensembles.values() for e in group}
@@ -458,7 +487,7 @@ def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], run
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = list(HEADER)
     for table in PAPER_TABLES.values():
-        frame = table_frame(table, mapping, results)
+        frame = table_frame(table, mapping, results, differing)
         frame.to_csv(out_dir / f"{table.key}.csv", index=False, lineterminator="\n")
         write_text(out_dir / f"{table.key}.tex", latex_table(frame, table.title, table.key))
         lines += [f"## {table.title}", "", f"Paper numbers: {table.source}.", "", markdown_table(frame),
@@ -477,6 +506,19 @@ def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], run
     return path
 
 
+def recipe_differences(params: Params, recipes_file: str) -> dict[str, list[str]]:
+    """Each run mapped to a paper row: its settings that differ from that row's recipe (`recipe RUN` shows them)."""
+    recipes = load_recipes(recipes_file)
+    out = {}
+    for name, placement in params.evaluation.report.items():
+        row = f"{placement.table}.{placement.row}"
+        if name in params.all_runs and row in recipes.rows:
+            run = params.all_runs[name]
+            rows = compare(run_settings(run, registry.resolve_model(run)), recipes, row, name)
+            out[name] = [r.key for r in differences(rows)]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser("report", __doc__)
     p.add_argument("--runs", nargs="+", required=True, metavar="NAME=DIR",
@@ -484,10 +526,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "rin_fmnist=outputs/rin_fmnist")
     p.add_argument("--fourier", help="the fourier stage's folder (outputs/fourier); without it, no frequency section")
     p.add_argument("--out", required=True, help="the report folder (outputs/report)")
+    p.add_argument("--recipes", default=str(RECIPES_FILE), help="the papers' recipes (default: recipes.yaml)")
     args = p.parse_args(argv)
     params = load_params(args.params)
     ensembles = {name: [e.name for e in run.experts] for name, run in params.ensembles.items()}
     path = write_report(params.evaluation.report, sorted(params.all_runs), named_paths(args.runs, "--runs"),
-                        out_folder(args.out), ensembles, fourier=Path(args.fourier) if args.fourier else None)
+                        out_folder(args.out), ensembles, fourier=Path(args.fourier) if args.fourier else None,
+                        differing=recipe_differences(params, args.recipes))
     print(f"wrote {path}")
     return 0

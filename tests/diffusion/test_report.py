@@ -34,7 +34,9 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(outputs / "rin_fmnist" / "samples" / "grid.png")
     out = outputs / "report"
     names = ["rin_fmnist", "rin_fmnist_long", "tiny"]
-    report.write_report(MAPPING, names, run_dirs(outputs, set(names) | set(MAPPING)), out)
+    differing = {"rin_fmnist": ["dataset", "model.patch", "train.steps", "train.lr", "train.optimizer"],
+                 "rin_fmnist_long": []}
+    report.write_report(MAPPING, names, run_dirs(outputs, set(names) | set(MAPPING)), out, differing=differing)
     return out
 
 
