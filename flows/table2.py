@@ -40,6 +40,9 @@ def run_table(
     else:
         name, workspace = "repo", repo
     log.info("%s at %s scale: runs %s in %s; results in %s", table, scale, runs, workspace, storage)
+    if scale == "paper":  # what the runs will cost, before they start (`python -m diffusion.cli plan RUN` alone)
+        for line in plan_lines(workspace, runs):
+            log.info("%s", line)
     targets = [f"evaluate@{run}" for run in runs] + ["report"]
     stages = run_stages(workspace, targets, storage, parallel, launcher)
     if S3Location.from_env() is not None:
@@ -54,6 +57,21 @@ def run_table(
             description=f"{table} at {scale} scale ({workspace})",
         )
     return {"workspace": str(workspace), "runs": runs, "report": str(report), "stages": stages}
+
+
+def plan_lines(workspace: Path, runs: list[str], gpus: int = 1) -> list[str]:
+    """The compute plan of each run (diffusion.stages.plan: counted FLOPs, memory, time at its assumed throughput)."""
+    from diffusion import registry
+    from diffusion.config import load_params
+    from diffusion.stages.plan import plan
+    from diffusion.typed import ConfigError
+
+    try:
+        params = load_params(workspace / "params.yaml")
+    except ConfigError as err:  # a DVC project of another shape (the flows drive any): nothing to count
+        return [f"no compute plan: {workspace / 'params.yaml'} is not this pipeline's params file ({err})"]
+    registry.check(params, runs=runs)
+    return [line for run in runs for line in plan(params, params.run(run), gpus, 100.0).lines]
 
 
 def _report_folder(workspace: Path) -> Path:

@@ -361,3 +361,12 @@ def test_smoke_ablation_is_listed_by_dvc_exp_show(prefect_server, clone):
         assert "final_loss" in json.dumps(data["metrics"]["outputs/rin_fmnist/train/metrics.json"])
     again = ablation(grid=grid, scale="smoke", targets=["train@rin_fmnist"], project=str(clone), return_state=True)
     assert {s for s, _ in task_states(again.state_details.flow_run_id).values()} == {"Cached"}
+
+
+def test_paper_scale_prints_the_plan_of_its_runs(tmp_path):
+    from flows.table2 import plan_lines
+
+    lines = plan_lines(REPO, ["rin_fmnist"])
+    assert lines[0].startswith("runs.rin_fmnist:") and any("PFLOP" in line for line in lines)
+    (tmp_path / "params.yaml").write_text("stages: {}\n")
+    assert plan_lines(tmp_path, ["x"])[0].startswith("no compute plan:")
