@@ -37,6 +37,11 @@ class Plan:
         return "\n".join(self.lines)
 
 
+def _num(x: float) -> str:
+    """Three significant figures, without an exponent: 0.115, 4.3, 1,320, 27,300."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _cost(run: RunConfig) -> StepCost:
     cfg = registry.resolve_model(run)
     return step_cost(lambda: registry.build(run.model.family, cfg), cfg.data_shape, cfg.channels, cfg.num_classes)
@@ -66,14 +71,14 @@ def plan(params: Params, run: RunConfig, gpus: int, tflops: float) -> Plan:
             f"  train {r.name}: {cost.params / 1e6:.2f}M params; {cost.forward_flops / 1e9:.2f} GFLOP per forward, "
             f"{per_example / 1e9:.2f} GFLOP per training example (forward + backward"
             + (f" + self-conditioning pass at rate {r.train.self_cond_rate}" if sc else "") + f"); x batch "
-            f"{r.train.batch_size} x {r.train.steps} steps = {total / 1e15:.3g} PFLOP")
+            f"{r.train.batch_size} x {r.train.steps} steps = {_num(total / 1e15)} PFLOP")
     sampled = run.section != "experts"
     sample_flops = (sum(forward) / len(forward)) * run.sample.num_samples * run.sample.steps if sampled else 0.0
     if sampled:
         lines.append(f"  sample: {run.sample.num_samples} samples x {run.sample.steps} {run.sample.sampler} steps x "
                      f"{sum(forward) / len(forward) / 1e9:.2f} GFLOP per call"
                      + (" (the mean over the experts: each owns an equal share of the steps)" if run.experts else "")
-                     + f" = {sample_flops / 1e15:.3g} PFLOP")
+                     + f" = {_num(sample_flops / 1e15)} PFLOP")
     rate = gpus * tflops * 1e12
     train_h, sample_h = train_flops / rate / 3600, sample_flops / rate / 3600
     gib = 2**30
@@ -83,7 +88,7 @@ def plan(params: Params, run: RunConfig, gpus: int, tflops: float) -> Plan:
         f"{act_max / gib:.1f} GiB of saved activations for {-(-trained[0].train.batch_size // gpus)} examples "
         "(fp32 count; bf16 autocast saves about half)",
         f"  time on {gpus} device(s) at an assumed {tflops:g} achieved TFLOP/s each (--tflops): training "
-        f"{train_h:.3g} h ({train_h / 24:.2g} days), sampling {sample_h:.3g} h",
+        f"{_num(train_h)} h ({_num(train_h / 24)} days), sampling {_num(sample_h)} h",
         "  FLOPs: torch's FlopCounterMode, 2 per multiply-add, attention matmuls included; the warm-start MLP of "
         "the self-conditioned pass and the optimiser are not counted",
     ]
