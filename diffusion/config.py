@@ -149,7 +149,9 @@ class EvalConfig:
     reference_split: Literal["train", "test"]  # real images the sample statistics are compared with
     num_reference: int = bounded(ge=2)  # the first N of the dataset's cached reference set (evaluation.references)
     is_classifier: str | None  # torchvision inception_v3 state dict for the Inception Score; null: "not available"
-    is_splits: int = bounded(ge=1)  # IS is the mean and std over this many chunks of the samples (10 in the papers)
+    is_splits: int = bounded(ge=1)  # IS (image, and video from the I3D logits): mean and std over this many chunks
+    kid_subset_size: int = bounded(ge=2)  # KID/KVD: features per random subset (at most half the smaller set)
+    kid_subsets: int = bounded(ge=1, le=10000)  # KID/KVD: mean and std over this many subset pairs
 
 
 @dataclass(frozen=True)

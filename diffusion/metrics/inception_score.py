@@ -1,5 +1,6 @@
 """Inception Score (Salimans et al. 2016): IS = exp(E_x KL(p(y|x) || p(y))), mean and std over splits. It needs a real
-Inception-v3 classifier; no offline asset carries one (SPEC section 3), so without weights IS is "not available".
+Inception-v3 classifier; no offline asset carries one (SPEC section 3), so without weights image IS is "not available".
+The same formula on the I3D's Kinetics-400 logits is the video IS (evaluate stage).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ IS_NOT_AVAILABLE = (
 TORCHVISION_IMAGENET1K_V1_PREFIX = "0cc3c7bd"  # torchvision names weight files by their sha256 prefix
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+def inception_score(logits: np.ndarray, splits: int = 1) -> tuple[float, float]:
     """(mean, std) over `splits` contiguous chunks of exp(mean_x KL(p(y|x) || p(y))), from logits (N, K).
 
-    p(y) is the mean of p(y|x) within each chunk (the original protocol). Computed in log space, so one-hot-like
-    logits and classes absent from a chunk stay finite.
+    p(y) is the mean of p(y|x) within each chunk. Salimans et al. used 10 chunks; RIN (pix2seq, tfgan's
+    classifier_score_from_logits) one over all samples, which is not biased low by small chunks. Computed in log
+    space, so one-hot-like logits and classes absent from a chunk stay finite.
     """
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or logits.shape[1] < 2:
@@ -99,7 +101,7 @@ class ISResult:
         return asdict(self)
 
 
-def compute_inception_score(images: np.ndarray, classifier: ISClassifier, *, splits: int = 10,
+def compute_inception_score(images: np.ndarray, classifier: ISClassifier, *, splits: int = 1,
                             batch_size: int = 32, progress: bool = True) -> ISResult:
     """IS of uint8 images (N, H, W[, C]) with the clean-fid resize; labelled with the classifier's name."""
     logits = extract_features(images, classifier, batch_size=batch_size, progress=progress, desc="IS logits")

@@ -1,6 +1,7 @@
 """The evaluate stage: `python -m diffusion.cli evaluate RUN --samples NPZ --cost JSON --refstats NPZ --out DIR`.
-FID (Heusel et al. 2017; clean-fid preprocessing) of a run's samples against its dataset's cached reference features
-and, given classifier weights, the Inception Score; for video, FVD (Unterthiner et al. 2018) with the Kinetics-400 I3D.
+FID (Heusel et al. 2017; clean-fid preprocessing) and KID (Binkowski et al. 2018) of a run's samples against its
+dataset's cached reference features and, given classifier weights, the Inception Score; for video, FVD (Unterthiner et
+al. 2018), KVD and the Inception Score from the Kinetics-400 I3D logits, as RIN computes them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffusion.config import ConfigError, Params, ReferenceSet, RunConfig, load_
 from diffusion.io import write_json
 from diffusion.metrics import fid as fidlib
 from diffusion.metrics import fvd as fvdlib
+from diffusion.metrics import kid as kidlib
 from diffusion.metrics.features import (
     FEATURE_BATCH_SIZE,
     NOT_AVAILABLE,
@@ -30,7 +32,12 @@ from diffusion.metrics.features import (
     feature_space,
     timed_features,
 )
-from diffusion.metrics.inception_score import IS_NOT_AVAILABLE, compute_inception_score, load_is_classifier
+from diffusion.metrics.inception_score import (
+    IS_NOT_AVAILABLE,
+    compute_inception_score,
+    inception_score,
+    load_is_classifier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +113,42 @@ def sample_fid(sample_feats: np.ndarray, ref_feats: np.ndarray) -> fidlib.FIDRes
     return fidlib.fid_from_features(sample_feats, ref_feats, method="svd" if singular else "sqrtm")
 
 
+def kernel_distance_fields(name: str, feats: np.ndarray, ref_feats: np.ndarray, run: RunConfig) -> dict[str, Any]:
+    """KID (name "kid", Inception features) or KVD ("kvd", I3D logits) with its std over subsets, the subset size
+    used and the number of subsets, from the same features as FID (FVD)."""
+    result = kidlib.kid_from_features(feats, ref_feats, max_subset_size=run.eval.kid_subset_size,
+                                      subsets=run.eval.kid_subsets)
+    return {name: result.kid, f"{name}_std": result.std, f"{name}_subset_size": result.subset_size,
+            f"{name}_subsets": result.subsets}
+
+
+def check_is_splits(run: RunConfig, n: int) -> int:
+    """run.eval.is_splits, refused (naming the key) when there are fewer samples than splits."""
+    if run.eval.is_splits > n:
+        raise ConfigError(f"params.yaml: {run.params_key}.eval.is_splits {run.eval.is_splits} exceeds the {n} "
+                          f"samples; lower it (1, as RIN computes IS) or raise {run.params_key}.sample.num_samples")
+    return run.eval.is_splits
+
+
 def inception_score_fields(images: np.ndarray, run: RunConfig) -> dict[str, Any]:
     """IS mean, std and classifier name, or "not available" with the reason when no classifier is configured."""
     classifier = load_is_classifier(run.eval.is_classifier)
     if classifier is None:
         return {"inception_score": NOT_AVAILABLE, "inception_score_note": IS_NOT_AVAILABLE}
-    if run.eval.is_splits > len(images):
-        raise ConfigError(f"params.yaml: {run.params_key}.eval.is_splits {run.eval.is_splits} exceeds the "
-                          f"{len(images)} samples")
-    result = compute_inception_score(images, classifier, splits=run.eval.is_splits, batch_size=FEATURE_BATCH_SIZE)
-    return {"inception_score": result.mean, "inception_score_std": result.std,
+    result = compute_inception_score(images, classifier, splits=check_is_splits(run, len(images)),
+                                     batch_size=FEATURE_BATCH_SIZE)
+    return {"inception_score": result.mean, "inception_score_std": result.std, "inception_score_splits": result.splits,
             "inception_score_classifier": result.classifier}
+
+
+def video_inception_score_fields(logits: np.ndarray, run: RunConfig) -> dict[str, Any]:
+    """The video IS from the I3D's 400 Kinetics logits that FVD uses, as pix2seq computes RIN's (tfgan's
+    classifier_score_from_logits, one split over all clips by default); also under the image IS keys, for the report."""
+    splits = check_is_splits(run, len(logits))
+    mean, std = inception_score(logits, splits)
+    return {"video_is": mean, "video_is_std": std, "video_is_splits": splits, "inception_score": mean,
+            "inception_score_std": std, "inception_score_splits": splits,
+            "inception_score_classifier": f"{fvdlib.FEATURE_NETWORK} (the FVD features)"}
 
 
 def model_cost(path: Path) -> dict[str, Any]:
@@ -133,8 +165,8 @@ def model_cost(path: Path) -> dict[str, Any]:
 
 def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: Path, ref_path: Path, out_dir: Path,
                  net: torch.nn.Module | None = None) -> dict[str, Any]:
-    """The evaluate stage: metrics.json with FID (FVD for video), how it was computed, IS (or "not available") and
-    model cost."""
+    """The evaluate stage: metrics.json with FID and KID (FVD, KVD and video IS for video), how they were computed,
+    IS (or "not available") and model cost."""
     start = time.perf_counter()
     images = load_samples(samples_path, run)
     reference_set(params, run)
@@ -144,13 +176,13 @@ def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: 
     if run.dataset.frames:
         result = fvdlib.fvd_from_features(feats, ref_feats)
         score = {"fvd": result.fvd, "fvd_method": result.method, "singular": result.singular,
+                 **kernel_distance_fields("kvd", feats, ref_feats, run),
                  "frames": run.dataset.frames, "context_frames": run.diffusion.context_frames,
-                 "inception_score": NOT_AVAILABLE, "inception_score_note": "video IS needs a C3D/UCF-101 classifier, "
-                 "which has no offline weights here"}
+                 **video_inception_score_fields(feats, run)}
     else:
         result = sample_fid(feats, ref_feats)
         score = {"fid": result.fid, "fid_method": result.method, "singular": result.singular,
-                 **inception_score_fields(images, run)}
+                 **kernel_distance_fields("kid", feats, ref_feats, run), **inception_score_fields(images, run)}
     cost = model_cost(cost_path)
     metrics = {
         "run": run.name, "dataset": run.dataset_name, "resolution": run.dataset.resolution, **score,
@@ -176,8 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = params.run(args.run)
     out = out_folder(args.out)
     m = evaluate_run(params, run, Path(args.samples), Path(args.cost), Path(args.refstats), out)
-    metric = "FVD" if "fvd" in m else "FID"
+    metric, kernel = ("FVD", "KVD") if "fvd" in m else ("FID", "KID")
     flag = f" (singular covariance: exact SVD {metric})" if m["singular"] else ""
-    print(f"{run.name}: {metric} {m[metric.lower()]:.3f} from {m['num_samples']} samples vs {m['num_reference']} "
-          f"{m['reference_split']} references{flag}; IS {m['inception_score']} -> {out / 'metrics.json'}")
+    k = kernel.lower()
+    print(f"{run.name}: {metric} {m[metric.lower()]:.3f}{flag}, {kernel} {m[k]:.5f} +- {m[f'{k}_std']:.5f} "
+          f"({m[f'{k}_subsets']} subsets of {m[f'{k}_subset_size']}) from {m['num_samples']} samples vs "
+          f"{m['num_reference']} {m['reference_split']} references; IS {m['inception_score']} -> "
+          f"{out / 'metrics.json'}")
     return 0

@@ -62,6 +62,9 @@ def test_run_overrides_merge_over_defaults(raw):
         ("runs.rin_fmnist.model.overrides", {"dropout": 5.0}, r"overrides\.dropout must be >= 0 and < 1, got 5\.0"),
         ("runs.unet_fmnist.model.overrides", {"num_res_blocks": 0}, r"overrides\.num_res_blocks must be >= 1"),
         ("defaults.sample.schedule", {"kind": "sigmoid", "start": 3, "end": -3, "tau": 1}, r"end must be > .*start"),
+        ("runs.rin_fmnist.eval.kid_subset_size", 1, r"runs\.rin_fmnist\.eval\.kid_subset_size must be >= 2, got 1"),
+        ("defaults.eval.kid_subsets", 0, r"runs\.rin_fmnist\.eval\.kid_subsets must be >= 1 and <= 10000, got 0"),
+        ("runs.rin_fmnist.eval.is_splits", 0, r"runs\.rin_fmnist\.eval\.is_splits must be >= 1, got 0"),
     ],
 )
 def test_bad_values_name_the_key(raw, path, value, message):

@@ -1,5 +1,6 @@
 """The refstats and evaluate stages on 40 real Fashion-MNIST images through the real offline TF-Inception: the
-metrics.json fields, FID of a set against itself, IS "not available", and the errors that name the fix."""
+metrics.json fields, FID and KID of a set against itself, IS "not available", and the errors that name the fix; the
+video path (FVD, KVD, video IS from the I3D logits) with a stand-in for the I3D whose logits are known."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from data.batches import pad_to, read_split
@@ -18,6 +20,8 @@ from data.tarformat import DataError
 from diffusion import cli
 from diffusion.config import ConfigError, load_params
 from diffusion.metrics import fid as fidlib
+from diffusion.metrics import fvd as fvdlib
+from diffusion.metrics import kid as kidlib
 from diffusion.metrics.weights import FID_INCEPTION_SHA256
 from diffusion.stages import evaluate as ev
 
@@ -74,6 +78,9 @@ def test_evaluate_writes_every_metrics_field(stage: dict[str, Path]) -> None:
     assert (m["reference_split"], m["sampler"], m["sampling_steps"]) == ("train", "ddpm", 7)
     assert (m["fid_method"], m["singular"]) == ("svd", True)  # 40 < 2048 features: exact SVD route, flagged
     assert 20.0 < m["fid"] < 1000.0  # different real images: clearly positive
+    assert (m["kid_subset_size"], m["kid_subsets"]) == (N // 2, 100)  # half the 40 samples; params.yaml's 100
+    # The "samples" are real test images, the references' distribution: FID at N = 40 is its bias, KID is unbiased
+    assert 0.0 < abs(m["kid"]) < 3 * m["kid_std"] < 0.1
     assert m["feature_network_sha256"] == FID_INCEPTION_SHA256 and m["feature_extractor"] == fidlib.EXTRACTOR_ID
     assert m["inception_score"] == ev.NOT_AVAILABLE and m["inception_score_note"].startswith("not available:")
     assert (m["model_params"], m["gflops_per_image"]) == (123, 0.5)  # the sample stage's count, passed on
@@ -85,6 +92,10 @@ def test_fid_of_the_reference_set_against_itself_is_zero(stage: dict[str, Path])
     np.savez(stage["root"] / "self.npz", arr_0=read_split(cfg, stage["shards"], "train", limit=N)[0])
     m = run_evaluate(stage, stage["root"] / "self.npz", stage["root"] / "eval-self")
     assert abs(m["fid"]) < 1e-3 and m["singular"]
+    with np.load(stage["refstats"]) as z:  # KID from the same Inception features as FID, at the configured subsets
+        ref = z["features"].astype(np.float64)
+    expected = kidlib.kid_from_features(ref, ref, max_subset_size=N // 2, subsets=100)
+    assert m["kid"] == pytest.approx(expected.kid, rel=1e-3) and m["kid_std"] == pytest.approx(expected.std, rel=1e-3)
 
 
 def test_fid_method_follows_the_sample_count() -> None:
@@ -126,3 +137,62 @@ def test_references_must_name_a_sharded_dataset() -> None:
     raw["evaluation"]["references"]["cifar10"] = {"split": "test", "num_images": 10}
     with pytest.raises(ConfigError, match=r"evaluation\.references\.cifar10 names no dataset of pipeline\.datasets"):
         parse_params(raw)
+
+
+class BrightnessI3D(torch.nn.Module):
+    """Stands in for the I3D (same call, same input): a clip's logits put 50 on class floor(2 * (mean + 1)) of 4 by
+    its mean brightness in [-1, 1], so clips of one constant value each fall in known classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # where the features are computed (device)
+
+    def logits_and_pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        classes = ((x.mean(dim=(1, 2, 3, 4)) + 1) * 2).long().clamp(0, 3)  # (B,)
+        logits = 50.0 * torch.nn.functional.one_hot(classes, fvdlib.FEATURE_DIM).float()  # (B, 400)
+        return logits + self.anchor, torch.zeros(len(x), 1024)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """8 constant clips of the video run's shape, two per class of BrightnessI3D in class order, 8 random references."""
+    root = tmp_path_factory.mktemp("video")
+    params = load_params(REPO / "params.yaml")
+    run = params.run("rin_moving_fmnist")
+    run = dataclasses.replace(run, eval=dataclasses.replace(run.eval, num_reference=8))
+    ds = run.dataset
+    levels = np.repeat([32, 96, 160, 224], 2).astype(np.uint8)  # classes 0, 0, 1, 1, 2, 2, 3, 3
+    clips = np.broadcast_to(levels[:, None, None, None, None], (8, ds.frames, ds.resolution, ds.resolution, 1))
+    np.savez(root / "samples.npz", arr_0=np.ascontiguousarray(clips))
+    (root / "cost.json").write_text(json.dumps({"model_params": 1, "gflops_per_image": 1.0}))
+    ref = np.random.default_rng(0).normal(size=(8, fvdlib.FEATURE_DIM)).astype(np.float32)
+    np.savez(root / "ref.npz", features=ref, extractor=fvdlib.EXTRACTOR_ID, dataset=run.dataset_name, split="test",
+             resolution=ds.resolution)
+    return {"root": root, "params": params, "run": run, "ref": ref.astype(np.float64)}
+
+
+def evaluate_video(video: dict, is_splits: int, out: str) -> dict:
+    run = dataclasses.replace(video["run"], eval=dataclasses.replace(video["run"].eval, is_splits=is_splits))
+    root = video["root"]
+    return ev.evaluate_run(video["params"], run, root / "samples.npz", root / "cost.json", root / "ref.npz",
+                           root / out, net=BrightnessI3D())
+
+
+def test_video_evaluation_writes_fvd_kvd_and_the_video_is(video: dict) -> None:
+    m = evaluate_video(video, 1, "eval")
+    assert json.loads((video["root"] / "eval" / "metrics.json").read_text()) == m
+    assert "fid" not in m and "kid" not in m and m["fvd"] > 0
+    assert m["video_is"] == pytest.approx(4.0, rel=1e-9)  # one split over 4 equally used, confident classes
+    assert (m["inception_score"], m["video_is_splits"], m["video_is_std"]) == (m["video_is"], 1, 0.0)
+    logits = 50.0 * np.eye(fvdlib.FEATURE_DIM)[np.repeat(np.arange(4), 2)]  # what BrightnessI3D gives these clips
+    expected = kidlib.kid_from_features(logits, video["ref"], max_subset_size=4, subsets=100)
+    assert (m["kvd_subset_size"], m["kvd_subsets"]) == (4, 100)  # half of 8 clips; params.yaml's 100 subsets
+    assert m["kvd"] == pytest.approx(expected.kid, rel=1e-9) and m["kvd_std"] == pytest.approx(expected.std, rel=1e-9)
+
+
+def test_video_is_follows_is_splits(video: dict) -> None:
+    """Two splits of the class-ordered clips: each half holds two of the classes, so each split's IS is 2."""
+    m = evaluate_video(video, 2, "eval-2")
+    assert (m["video_is"], m["video_is_std"], m["video_is_splits"]) == (pytest.approx(2.0, rel=1e-9), 0.0, 2)
+    with pytest.raises(ConfigError, match=r"runs\.rin_moving_fmnist\.eval\.is_splits 9 exceeds the 8 samples"):
+        evaluate_video(video, 9, "eval-9")

@@ -179,6 +179,100 @@ def test_features_match_fid_helper_convention_and_fixture(
     np.testing.assert_allclose(noise_features[0.0][:2], stored, rtol=1e-3, atol=1e-3)
 
 
+class RecordingBlockSums(torch.nn.Module):
+    """The project's FID network followed by a fixed linear map, the sums of `blocks` consecutive blocks of its pool3
+    features, with every full (B, 2048) output recorded: one network for both sides of a comparison, with a Frechet
+    distance that is fast to compute."""
+
+    def __init__(self, net: fidlib.FIDInception, blocks: int) -> None:
+        super().__init__()
+        self.net, self.blocks, self.seen = net, blocks, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        full = self.net(x)  # (B, 2048)
+        self.seen.append(full.detach().double().numpy())
+        return full.reshape(len(full), self.blocks, -1).sum(dim=2)  # (B, blocks)
+
+
+def write_folders(root: Path, sets: dict[str, np.ndarray]) -> dict[str, Path]:
+    """Each uint8 (N, H, W) set as lossless grayscale PNGs in root/<name>/, as a user would hand them to clean-fid."""
+    folders = {}
+    for name, images in sets.items():
+        folders[name] = root / name
+        folders[name].mkdir()
+        for i, img in enumerate(images):
+            Image.fromarray(img).save(folders[name] / f"{i:03d}.png")
+    return folders
+
+
+def fid_by_evaluate(images: np.ndarray, ref: np.ndarray, net: torch.nn.Module) -> float:
+    """The evaluate stage's FID: its feature path (features.timed_features, the project's clean resize of the uint8
+    arrays) and its FID (sqrtm, or the exact SVD route at N <= D)."""
+    from diffusion.metrics.features import timed_features
+    from diffusion.stages.evaluate import sample_fid
+
+    feats, ref_feats = (timed_features(x[..., None], net, desc="conformance")[0] for x in (images, ref))
+    return sample_fid(feats, ref_feats).fid
+
+
+def conformance_sets(fashion_test: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Two small sets shaped like the pipeline's samples (Fashion-MNIST padded to 32x32): real images, and other real
+    images with noise, so the FID between them is far from 0."""
+    from data.batches import pad_to
+
+    return {"real": pad_to(fashion_test[:n], 32), "noisy": add_noise(pad_to(fashion_test[n : 2 * n], 32), 24.0, 3)}
+
+
+def test_fid_equals_clean_fid_compute_fid_on_two_folders(
+    fid_net: fidlib.FIDInception, fashion_test: np.ndarray, tmp_path: Path
+) -> None:
+    """The project's FID equals clean-fid's own `compute_fid(dir1, dir2, mode="clean", custom_feat_extractor=...)` on
+    the same two PNG folders and the same network, to 1e-3.
+
+    Apples to apples: the project resizes uint8 arrays with clean-fid's own "clean" resizer (make_resizer("PIL",
+    False, "bicubic", (299, 299)), the resizer compute_fid's mode="clean" builds), and repeats grayscale to RGB as
+    clean-fid's PIL .convert("RGB") does, so both feed the network the same inputs. To keep this fast (clean-fid's
+    scipy sqrtm of a 2048 x 2048 matrix takes ~13 s on one core), both sides score the TF-Inception's pool3 features
+    summed in 8 blocks of 256: with 10 images per set the 8-d covariances are regular and both take the sqrtm route.
+    The full 2048-d features clean-fid's pass computed are recorded and must equal the project's, and on them
+    clean-fid's Frechet distance (fid_from_feats, what compute_fid calls) must equal the project's exact SVD route (its
+    choice at N <= D, singular covariances) on the first 64 features. The 2048-d end-to-end comparison is the slow
+    test below.
+    """
+    from cleanfid.fid import compute_fid, fid_from_feats
+
+    n, blocks = 10, 8
+    sets = conformance_sets(fashion_test, n)
+    folders = write_folders(tmp_path, sets)
+    net = RecordingBlockSums(fid_net, blocks)
+    theirs = compute_fid(str(folders["real"]), str(folders["noisy"]), mode="clean", custom_feat_extractor=net,
+                         device=torch.device("cpu"), num_workers=0, batch_size=8, verbose=False)
+    their_full = np.concatenate(net.seen)  # (2n, 2048): clean-fid's folder order is sorted file names, as written
+    our_net = RecordingBlockSums(fid_net, blocks)
+    ours = fid_by_evaluate(sets["real"], sets["noisy"], our_net)
+    assert theirs > 1.0 and ours == pytest.approx(theirs, abs=1e-3)
+    our_full = np.concatenate(our_net.seen)  # (2n, 2048), the evaluate stage's features of both sets
+    np.testing.assert_allclose(our_full, their_full, rtol=1e-5, atol=1e-5)
+    d = 64
+    svd = fidlib.fid_from_features(our_full[:n, :d], our_full[n:, :d], method="svd")
+    assert svd.singular and svd.fid == pytest.approx(fid_from_feats(their_full[:n, :d], their_full[n:, :d]), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_fid_equals_clean_fid_compute_fid_in_2048_dimensions(
+    fid_net: fidlib.FIDInception, fashion_test: np.ndarray, tmp_path: Path
+) -> None:
+    """The same comparison with all 2048 pool3 features and 24 images per folder: the evaluate stage's exact SVD FID
+    against clean-fid's compute_fid (scipy sqrtm with its eps fallback), to 1e-3. ~30 s on one core."""
+    from cleanfid.fid import compute_fid
+
+    sets = conformance_sets(fashion_test, 24)
+    folders = write_folders(tmp_path, sets)
+    theirs = compute_fid(str(folders["real"]), str(folders["noisy"]), mode="clean", custom_feat_extractor=fid_net,
+                         device=torch.device("cpu"), num_workers=0, batch_size=8, verbose=False)
+    assert theirs > 1.0 and fid_by_evaluate(sets["real"], sets["noisy"], fid_net) == pytest.approx(theirs, abs=1e-3)
+
+
 @pytest.mark.slow
 def test_fid_grows_with_noise_on_real_inception_large(fid_net: fidlib.FIDInception, fashion_test: np.ndarray) -> None:
     images = fashion_test[:256]
