@@ -21,7 +21,7 @@ from diffusion.io import EndpointError, mask_userinfo, publish, s3_endpoint, sha
 
 S3_URL_ENV = "RINMEME_S3_URL"  # s3://bucket/prefix: where artifacts, DVC's remote and Prefect's results go
 SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
-ATTEMPTS = 4  # botocore "standard" retries: exponential backoff with jitter between attempts
+ATTEMPTS = 4  # tries per S3 call, the first included (botocore "standard" retries: backoff with jitter between them)
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60
 SHA256_META = "sha256"  # x-amz-meta-sha256: hex sha256 of the whole file
@@ -105,7 +105,7 @@ def client(loc: S3Location, attempts: int = ATTEMPTS) -> Any:
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": attempts, "mode": "standard"},
+        retries={"total_max_attempts": attempts, "mode": "standard"},  # max_attempts would count retries only
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
     )
