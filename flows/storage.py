@@ -114,7 +114,13 @@ def client(loc: S3Location, attempts: int = ATTEMPTS) -> Any:
 
 def explain(err: Exception, loc: S3Location, action: str, attempts: int = ATTEMPTS) -> StorageError:
     """A StorageError that names the endpoint, what failed and how to fix it (no credentials in it)."""
-    from botocore.exceptions import ClientError, ConnectionError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
 
     keep = "Local files were not changed."
     if isinstance(err, NoCredentialsError | PartialCredentialsError):
@@ -123,7 +129,7 @@ def explain(err: Exception, loc: S3Location, action: str, attempts: int = ATTEMP
             f"AWS_SECRET_ACCESS_KEY (and AWS_DEFAULT_REGION), or unset {S3_URL_ENV} to keep "
             f"artifacts on local disk only. {keep}"
         )
-    if isinstance(err, ConnectionError):
+    if isinstance(err, ConnectionError | HTTPClientError):  # refused, timed out, or hung up before answering
         return StorageError(
             f"{action}: S3 endpoint {loc.endpoint or 'of AWS'} unreachable after {attempts} attempts "
             f"({type(err).__name__}). Fix: start the S3 service or correct AWS_ENDPOINT_URL (unset it "
