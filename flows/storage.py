@@ -21,7 +21,7 @@ from diffusion.io import EndpointError, mask_userinfo, publish, s3_endpoint, sha
 
 S3_URL_ENV = "RINMEME_S3_URL"  # s3://bucket/prefix: where artifacts, DVC's remote and Prefect's results go
 SECRET_ENVS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
-ATTEMPTS = 4  # botocore "standard" retries: exponential backoff with jitter between attempts
+ATTEMPTS = 4  # tries per S3 call, the first included (botocore "standard" retries: backoff with jitter between them)
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60
 SHA256_META = "sha256"  # x-amz-meta-sha256: hex sha256 of the whole file
@@ -105,7 +105,7 @@ def client(loc: S3Location, attempts: int = ATTEMPTS) -> Any:
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": attempts, "mode": "standard"},
+        retries={"total_max_attempts": attempts, "mode": "standard"},  # max_attempts would count retries only
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
     )
@@ -114,7 +114,13 @@ def client(loc: S3Location, attempts: int = ATTEMPTS) -> Any:
 
 def explain(err: Exception, loc: S3Location, action: str, attempts: int = ATTEMPTS) -> StorageError:
     """A StorageError that names the endpoint, what failed and how to fix it (no credentials in it)."""
-    from botocore.exceptions import ClientError, ConnectionError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionError,
+        HTTPClientError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
 
     keep = "Local files were not changed."
     if isinstance(err, NoCredentialsError | PartialCredentialsError):
@@ -123,7 +129,7 @@ def explain(err: Exception, loc: S3Location, action: str, attempts: int = ATTEMP
             f"AWS_SECRET_ACCESS_KEY (and AWS_DEFAULT_REGION), or unset {S3_URL_ENV} to keep "
             f"artifacts on local disk only. {keep}"
         )
-    if isinstance(err, ConnectionError):
+    if isinstance(err, ConnectionError | HTTPClientError):  # refused, timed out, or hung up before answering
         return StorageError(
             f"{action}: S3 endpoint {loc.endpoint or 'of AWS'} unreachable after {attempts} attempts "
             f"({type(err).__name__}). Fix: start the S3 service or correct AWS_ENDPOINT_URL (unset it "

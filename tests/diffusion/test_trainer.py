@@ -1,4 +1,5 @@
-"""Training: a tiny RIN overfits real images; LR schedule; LAMB; NaN guard; exact resume; checkpoints."""
+"""Training: a tiny RIN overfits real images; the LR schedule and the LR each step is taken with; gradient clipping;
+the weight-decay groups; LAMB (the authors' rule, and that it trains); EMA by hand; NaN guard; checkpoints."""
 
 import dataclasses
 import math
@@ -17,7 +18,7 @@ from diffusion.distributed import Dist
 from diffusion.objectives import NoiseDraw, diffusion_loss
 from diffusion.optim import lr_factor
 from diffusion.schedules import Schedule
-from diffusion.trainer import TrainingDiverged, train_step
+from diffusion.trainer import Trainer, TrainingDiverged, TrainResult, train_step
 from tests.helpers import tiny_rin
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -171,8 +172,6 @@ def test_preview_grid_is_a_loggable_image(tmp_path):
 
     from dvclive import Live
 
-    from diffusion.trainer import Trainer
-
     run = load_params().run("rin_fmnist")
     run = dataclasses.replace(run, model=dataclasses.replace(run.model, preset="rin_tiny"),
                               sample=dataclasses.replace(run.sample, steps=2))
@@ -184,28 +183,227 @@ def test_preview_grid_is_a_loggable_image(tmp_path):
     assert (tmp_path / "live" / "plots" / "images" / "preview" / "x.png").stat().st_size > 0
 
 
-def test_ema_warms_up_then_tracks_with_its_decay():
+@pytest.mark.parametrize(
+    ("decay", "after_three"),
+    [
+        (0.9, 1 / 22 * 1.0 + 9 / 44 * 2.0 + 3 / 4 * 4.0),  # warm-up decays 2/11, 3/12 (both below 0.9)
+        (0.2, 0.2 * (2 / 11 * 1.0 + 9 / 11 * 2.0) + 0.8 * 4.0),  # 2/11 < 0.2, then the decay itself
+    ],
+)
+def test_ema_of_three_known_weights(decay, after_three):
+    """By hand: the 1st update copies; the n-th after it keeps min(decay, (1 + n) / (10 + n)) of the average."""
     from torch.optim.swa_utils import AveragedModel
 
     from diffusion.trainer import ema_update
 
     w = torch.nn.Linear(1, 1, bias=False)
-    torch.nn.init.zeros_(w.weight)
-    ema = AveragedModel(w, multi_avg_fn=ema_update(0.99), use_buffers=True)
+    ema = AveragedModel(w, multi_avg_fn=ema_update(decay), use_buffers=True)
+    seen = []
+    for value in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            w.weight.fill_(value)
+        ema.update_parameters(w)
+        seen.append(ema.module.weight.item())
+    assert seen[0] == 1.0
+    assert seen[2] == pytest.approx(after_three, rel=1e-6)
+
+
+def test_ema_tracks_with_its_decay_once_warmed_up():
+    from torch.optim.swa_utils import AveragedModel
+
+    from diffusion.trainer import ema_update
+
+    w = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(w, multi_avg_fn=ema_update(0.5), use_buffers=True)
     with torch.no_grad():
         w.weight.fill_(1.0)
-    ema.update_parameters(w)  # n=0 copies
-    ema.update_parameters(w)  # n=1: decay (1+1)/(10+1)
-    assert ema.module.weight.item() == pytest.approx(1.0)
+    for _ in range(20):
+        ema.update_parameters(w)
     with torch.no_grad():
         w.weight.fill_(0.0)
-    for _ in range(200):
-        ema.update_parameters(w)  # decay reaches 0.99 after ~890 updates: still warming up here
-    n = ema.n_averaged.item()
-    expected = 1.0
-    for k in range(n - 200, n):
-        expected *= min(0.99, (1 + k) / (10 + k))
-    assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5)
+    ema.update_parameters(w)  # n = 20: (1 + 20) / (10 + 20) = 0.7 > 0.5, so the decay 0.5 itself
+    assert ema.module.weight.item() == pytest.approx(0.5, rel=1e-6)
+
+
+def tiny_run(**train):
+    """rin_fmnist shrunk to the rin_tiny preset, fp32, 4 images a step; `train` overrides its train section."""
+    run = load_params().run("rin_fmnist")
+    base = {"steps": 3, "batch_size": 4, "precision": "fp32", "self_cond_rate": 0.0, "optimizer": "adamw",
+            "warmup_steps": 0, "ema_decay": 0.9, "weight_decay": 0.0, "grad_clip": 1.0}
+    return dataclasses.replace(run, model=dataclasses.replace(run.model, preset="rin_tiny", overrides={}),
+                               train=dataclasses.replace(run.train, **(base | train)))
+
+
+def random_source(batch_size: int = 4) -> ArrayBatches:
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32), dtype=np.uint8)
+    return ArrayBatches(images, np.zeros(16, dtype=np.int64), batch_size, seed=0, random_flip=False)
+
+
+def test_trainer_ema_and_exported_weights(tmp_path):
+    """Three real steps: the EMA is 1/22 w1 + 9/44 w2 + 3/4 w3 of the weights after each step (decay 0.9, warm-up
+    2/11 then 3/12), and export writes it to ema.safetensors beside the raw weights, which differ from it."""
+    from safetensors.torch import load_file
+
+    trainer = Trainer(tiny_run(), tmp_path, CPU)
+    source, after = random_source(), []
+    for _ in range(3):
+        trainer.one_step(source)
+        after.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+    w1, w2, w3 = after
+    expected = {k: 1 / 22 * w1[k] + 9 / 44 * w2[k] + 3 / 4 * w3[k] for k in w3}
+    ema = trainer.ema.module.state_dict()
+    for k in expected:
+        torch.testing.assert_close(ema[k], expected[k], rtol=1e-5, atol=1e-7,
+                                   msg=f"EMA of {k} is not 1/22 w1 + 9/44 w2 + 3/4 w3")
+    trainer.export(TrainResult(3, 0, 0.0, 0.0, []))
+    model_file, ema_file = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "ema.safetensors")
+    assert all(torch.equal(model_file[k], w3[k]) for k in w3)
+    assert all(torch.equal(ema_file[k], ema[k]) for k in ema), "ema.safetensors does not hold the EMA"
+    assert max((model_file[k] - ema_file[k]).abs().max().item() for k in ema_file) > 1e-4
+
+
+@pytest.mark.parametrize(("warmup", "decay"), [(0, "cosine"), (2, "cosine"), (0, "constant")])
+def test_the_lr_the_optimizer_steps_with(warmup, decay, tmp_path):
+    """Every parameter group steps with lr x the schedule at the step being taken: linear warmup from 1/warmup,
+    then 0.5 (1 + cos(pi p)) over the steps after warmup (p their fraction), or 1 (constant)."""
+    steps, lr = 6, 0.01
+    run = tiny_run(steps=steps, warmup_steps=warmup, lr=lr, lr_decay=decay, lr_decay_fraction=1.0, weight_decay=0.1)
+    trainer = Trainer(run, tmp_path, CPU)
+    applied = []
+    real_step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        applied.append([g["lr"] for g in trainer.optimizer.param_groups])
+        return real_step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    first = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    source, logged = random_source(), []
+    for k in range(steps):
+        logged.append(trainer.one_step(source)[2])
+        if k == 0:  # Adam's first update is lr * sign(grad): a bias moves by exactly the lr applied
+            bias = trainer.model.tokenizer.out.bias
+            moved = (bias.detach() - first["tokenizer.out.bias"]).abs()
+            assert moved.max().item() == pytest.approx(applied[0][0], rel=1e-4)
+    expected = []
+    for k in range(steps):
+        if k < warmup:
+            expected.append(lr * (k + 1) / warmup)
+        elif decay == "constant":
+            expected.append(lr)
+        else:
+            expected.append(lr * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup))))
+    assert len(trainer.optimizer.param_groups) == 2  # decayed and not decayed: both follow the schedule
+    for k, groups in enumerate(applied):
+        assert groups == pytest.approx([expected[k]] * 2, rel=1e-9), k
+    assert logged == pytest.approx(expected, rel=1e-9)
+
+
+def reference_gradients(model, run, batch, noise) -> dict[str, torch.Tensor]:
+    """The step's gradients computed here, on a copy: the loss of diffusion_loss, backward, nothing clipped."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    loss = diffusion_loss(twin, batch[0], None, Schedule(run.diffusion.train_schedule), run.diffusion.prediction,
+                          0.0, noise).mean()
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in twin.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("clip_fraction", [0.25, 0.0])
+def test_gradient_clipping_scales_the_step_to_the_global_norm(clip_fraction):
+    """With SGD(lr=1) the step is minus the gradient the optimizer got: the reference gradient scaled by
+    grad_clip / ||g|| when the global norm ||g|| exceeds grad_clip, untouched with grad_clip 0 (off)."""
+    torch.manual_seed(0)
+    model = tiny_rin(self_cond=False)
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    batch = (x0, torch.zeros(4, dtype=torch.long))
+    noise = NoiseDraw.draw(torch.Generator().manual_seed(2), x0.shape)
+    probe = tiny_run()
+    grads = reference_gradients(model, probe, batch, noise)
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+    run = tiny_run(grad_clip=clip_fraction * norm)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, grad_norm, _ = train_step(model, batch, noise, torch.optim.SGD(model.parameters(), lr=1.0), run,
+                                 Schedule(run.diffusion.train_schedule), CPU)
+    assert grad_norm == pytest.approx(norm, rel=1e-4)  # reported before clipping
+    scale = clip_fraction if clip_fraction else 1.0
+    for n, p in model.named_parameters():
+        want = before[n] - scale * grads[n] if n in grads else before[n]
+        torch.testing.assert_close(p.detach(), want, rtol=1e-4, atol=1e-7,
+                                   msg=f"{n}: the step is not -{scale:g} x the unclipped gradient")
+
+
+def expected_decay(model: torch.nn.Module, optimizer: str) -> dict[str, bool]:
+    """The rule, per parameter, from what owns it: AdamW decays Linear / conv kernels only; LAMB (pix2seq) decays
+    everything but biases and normalisation scales and shifts (so also embeddings, positions, latents)."""
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
+    kernels = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    out = {}
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if optimizer == "adamw":
+                out[full] = isinstance(module, kernels) and name == "weight"
+            else:
+                out[full] = name != "bias" and not isinstance(module, norms)
+    return out
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+@pytest.mark.parametrize("family", ["rin", "meme"])
+def test_weight_decay_reaches_exactly_the_parameters_it_should(optimizer, family):
+    """With zero gradients a step is weight decay alone: AdamW shrinks a decayed tensor by (1 - lr wd); LAMB's trust
+    ratio turns wd w into a step of lr ||w|| (w -> (1 - lr) w); an exempt tensor does not move."""
+    from diffusion.optim import make_optimizer
+    from meme.presets import PRESETS as MEME_PRESETS
+    from meme.unet import UNet
+
+    torch.manual_seed(0)
+    if family == "rin":
+        model = tiny_rin(num_classes=10)  # class embedding, positions, latents, LayerNorms
+    else:
+        model = UNet(dataclasses.replace(MEME_PRESETS["iunet_tiny"], num_classes=3))  # GroupNorm, iFormer norms
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.rand_like(p) + 0.5)  # no tensor at zero (its trust ratio would be 1, its decay invisible)
+    lr, wd = 0.1, 0.5
+    cfg = dataclasses.replace(tiny_run().train, optimizer=optimizer, lr=lr, weight_decay=wd)
+    opt = make_optimizer(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    shrink = 1 - lr * wd if optimizer == "adamw" else 1 - lr
+    rule = expected_decay(model, optimizer)
+    assert set(rule) == set(before)
+    assert any(rule.values()) and not all(rule.values())
+    for n, p in model.named_parameters():
+        factor = shrink if rule[n] else 1.0
+        torch.testing.assert_close(p.detach(), factor * before[n], rtol=1e-5, atol=0, msg=f"{n} ({optimizer})")
+
+
+def test_lamb_trains_a_tiny_problem_fast():
+    """The optimiser the paper presets use, built as the trainer builds it (pix2seq's groups and eps), fits a small
+    regression: the loss falls 20-fold in 150 steps."""
+    from diffusion.optim import make_optimizer
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = torch.sin(x @ torch.randn(8, 1)) + 0.5 * x[:, :1] ** 2  # (64, 1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.LayerNorm(32), torch.nn.GELU(),
+                                torch.nn.Linear(32, 1))
+    cfg = dataclasses.replace(tiny_run().train, optimizer="lamb", lr=1e-2, weight_decay=0.01)
+    opt = make_optimizer(model, cfg)
+    assert isinstance(opt, Lamb)
+    losses = []
+    for _ in range(150):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 20, (losses[0], losses[-1])
 
 
 def test_live_metrics_are_trimmed_to_the_checkpoint_or_moved_aside(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -77,6 +78,15 @@ def weights(folder: Path, name: str = "model") -> dict:
     return load_file(str(folder / f"{name}.safetensors"))
 
 
+def initial_weights(params: Path) -> dict:
+    from diffusion.config import load_params
+    from diffusion.registry import build_model
+
+    run = load_params(params).run("tiny")
+    torch.manual_seed(run.train.seed)
+    return build_model(run).state_dict()
+
+
 def test_two_processes_match_one(tmp_path, shards):
     params = tiny_params(tmp_path)
     run_ok(train_cmd(params, tmp_path / "one", shards))
@@ -85,8 +95,13 @@ def test_two_processes_match_one(tmp_path, shards):
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
     assert worst < 1e-4, worst
-    first = weights(tmp_path / "one")["tokenizer.pos"]
-    assert not np.allclose(first.numpy(), 0)
+    initial = initial_weights(params)  # what the trainer starts from: torch.manual_seed(train.seed), then build
+    moved = min((one[k] - initial[k]).abs().max().item() for k in one if k.endswith("weight"))
+    assert moved > 100 * worst, (moved, worst)  # every weight matrix trained, far beyond the 1-vs-2 difference
+    logs = [json.loads((tmp_path / name / "train_log.json").read_text())["history"] for name in ("one", "two")]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [2, 4, 6, 8]
+    for a, b in zip(*logs):  # the same global batch and noise: the same loss at every logged step
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path, shards):

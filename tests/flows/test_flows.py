@@ -116,6 +116,98 @@ def test_grid_and_experiment_names():
         expand_grid({"runs.r.train.lr": []})
 
 
+def parse_set_args(args: list[str]) -> dict:
+    """`-S ++key=<json>` pairs (what set_args writes for `dvc exp run`) back into {dotted key: value}."""
+    assert args[::2] == ["-S"] * (len(args) // 2), args
+    pairs = [a.removeprefix("++").split("=", 1) for a in args[1::2]]
+    return {key: json.loads(value) for key, value in pairs}
+
+
+@pytest.fixture()
+def recorded_ablation(tmp_path, monkeypatch):
+    """flows.ablation's flow and task run as plain functions, no Prefect server: the `dvc exp run` commands are
+    recorded instead of run, `dvc exp list` answers from `existing`, `dvc exp show` fails. Returns a callable
+    (grid, scale, targets) -> (results, commands, task options) over a git repository holding params.yaml."""
+    import logging
+
+    import flows.ablation as ab
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    env = os.environ | {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"], ["git", "commit", "-qm", "params"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True)
+    commands, options, existing = [], [], set()
+    task_fn = ab.dvc_experiment.fn
+    real_run = subprocess.run
+
+    class PlainTask:
+        @staticmethod
+        def with_options(**kwargs):
+            options.append(kwargs)
+            return task_fn
+
+    def run_without_dvc(cmd, *args, **kwargs):
+        if "dvc" in cmd:  # only `dvc exp show` is left: the table is not needed here
+            return subprocess.CompletedProcess(cmd, 1, "", "not a DVC repository")
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(ab, "get_run_logger", lambda: logging.getLogger("test-ablation"))
+    monkeypatch.setattr(ab, "run_logged", lambda cmd, cwd, log: commands.append(list(cmd)) or "")
+    monkeypatch.setattr(ab, "experiments", lambda _repo: set(existing))
+    monkeypatch.setattr(ab, "dvc_experiment", PlainTask())
+    monkeypatch.setattr(ab, "create_markdown_artifact", lambda **kwargs: None)
+    monkeypatch.setattr(ab.subprocess, "run", run_without_dvc)
+
+    def run(grid, scale, targets, already=()):
+        commands.clear()
+        options.clear()
+        existing.clear()
+        existing.update(already)
+        results = ab.ablation.fn(grid=grid, scale=scale, targets=targets, project=str(repo))
+        return results, list(commands), list(options)
+
+    run.repo = repo
+    return run
+
+
+def test_ablation_runs_each_combination_as_one_experiment_with_the_grid_over_the_scale(recorded_ablation):
+    from flows.ablation import baseline
+
+    grid = {"runs.rin_fmnist.train.steps": [30, 40], "runs.rin_fmnist.train.lr": [0.001]}
+    results, commands, options = recorded_ablation(grid, "smoke", ["train@rin_fmnist"])
+    combos = [{"runs.rin_fmnist.train.steps": 30, "runs.rin_fmnist.train.lr": 0.001},
+              {"runs.rin_fmnist.train.steps": 40, "runs.rin_fmnist.train.lr": 0.001}]
+    base = baseline(recorded_ablation.repo)
+    names = [experiment_name("smoke", c, base) for c in combos]
+    assert [(r["name"], r["overrides"]) for r in results] == list(zip(names, combos))
+    assert len(commands) == 2 and [o["refresh_cache"] for o in options] == [True, True]
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for cmd, name, combo in zip(commands, names, combos):
+        exp = cmd[cmd.index("exp"):]
+        assert exp[:5] == ["exp", "run", "--temp", "-n", name] and exp[-1] == "train@rin_fmnist", exp
+        params = parse_params(apply_overrides(raw, parse_set_args(exp[5:-1])))  # what the experiment runs with
+        run = params.run("rin_fmnist")
+        assert run.train.steps == combo["runs.rin_fmnist.train.steps"]  # the grid's value, over smoke's 20
+        assert run.train.lr == 0.001
+        assert run.model.preset == "rin_tiny" and run.sample.num_samples == 64  # smoke scale shrank the run
+        assert params.run("unet_fmnist").train.steps == 20  # ...and every other run
+
+    again, commands, options = recorded_ablation(grid, "smoke", ["train@rin_fmnist"], already={names[0]})
+    assert [o["refresh_cache"] for o in options] == [False, True]  # a finished combination is a cache hit
+    assert len(commands) == 1 and names[1] in commands[0] and again[0]["seconds"] == 0.0
+
+
+def test_ablation_at_paper_scale_sets_only_the_grid(recorded_ablation):
+    results, commands, _ = recorded_ablation({"runs.rin_fmnist.train.lr": [0.003]}, "paper", [])
+    (cmd,) = commands
+    exp = cmd[cmd.index("exp"):]
+    assert parse_set_args(exp[5:]) == {"runs.rin_fmnist.train.lr": 0.003}  # no targets: the whole pipeline
+    assert results[0]["name"].startswith("paper-lr0.003-")
+
+
 @pytest.mark.parametrize(
     ("code", "output", "kind"),
     [

@@ -1,6 +1,7 @@
 """S3 through moto's standalone server on 127.0.0.1 (conftest.s3_endpoint): sha256-carrying uploads that are verified,
-downloads that refuse a corrupt object, a bounded and clear failure when the endpoint is unreachable (no credential in
-it, no local file touched), DVC push / pull into a fresh clone, and a flow's results and artifacts on S3."""
+downloads that refuse a corrupt object, retries that carry an upload over a moment of S3 hanging up, a bounded and clear
+failure after 4 attempts when it never answers (no credential in it, no local file touched), DVC push / pull into a
+fresh clone, and a flow's results and artifacts on S3."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,28 +74,108 @@ def test_upload_carries_its_sha256_and_download_refuses_a_corrupt_object(s3_buck
     assert keep.read_bytes() == b"the good copy" and not list(tmp_path.glob(".keep*"))  # no partial file left
 
 
-def test_unreachable_endpoint_gives_a_bounded_clear_error_without_credentials(tmp_path, monkeypatch):
+class FlakyProxy:
+    """A TCP proxy to `upstream` that counts connections; the first `drop` of them (all, with drop=None) are read and
+    closed without an answer (S3 gone for a moment), the later ones are forwarded both ways."""
+
+    def __init__(self, upstream: tuple[str, int], drop: int | None):
+        self.upstream, self.drop, self.connections = upstream, drop, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            dropped = self.drop is None or self.connections <= self.drop
+            threading.Thread(target=self._hang_up if dropped else self._forward, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _hang_up(client: socket.socket) -> None:
+        try:
+            client.recv(65536)
+        except OSError:
+            pass
+        client.close()
+
+    def _forward(self, client: socket.socket) -> None:
+        server = socket.create_connection(self.upstream)
+
+        def copy(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=copy, args=(server, client), daemon=True).start()
+        copy(client, server)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def upstream(endpoint: str) -> tuple[str, int]:
+    host, port = endpoint.rsplit("//", 1)[1].split(":")
+    return host, int(port)
+
+
+def test_s3_going_away_for_a_moment_is_retried(s3_bucket, s3_endpoint, tmp_path):
+    """The first two connections are hung up on: the upload still lands, on the third attempt."""
+    src = tmp_path / "metrics.json"
+    src.write_text('{"fid": 3.1}')
+    proxy = FlakyProxy(upstream(s3_endpoint), drop=2)
+    try:
+        loc = S3Location.parse(f"{s3_bucket}/p", proxy.endpoint)
+        up = upload_file(loc, src, loc.key("metrics.json"))
+    finally:
+        proxy.close()
+    assert proxy.connections >= 3
+    body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=loc.bucket, Key=up.key)["Body"].read()
+    assert body == src.read_bytes()
+
+
+def test_unreachable_endpoint_gives_a_bounded_clear_error_without_credentials(tmp_path, monkeypatch, s3_endpoint):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEYID0001")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    endpoint = f"http://127.0.0.1:{closed_port()}"
-    loc = S3Location.parse("s3://artifacts/p", endpoint)
+    proxy = FlakyProxy(upstream(s3_endpoint), drop=None)  # every connection hung up on
+    loc = S3Location.parse("s3://artifacts/p", proxy.endpoint)
     report = tmp_path / "report.md"
     report.write_text("| FID | 3.1 |\n")
     before = (sha256(report), report.stat().st_mtime_ns)
     start = time.monotonic()
-    with pytest.raises(StorageError) as err:
-        upload_file(loc, report, loc.key("report.md"))
+    try:
+        with pytest.raises(StorageError) as err:
+            upload_file(loc, report, loc.key("report.md"))
+    finally:
+        proxy.close()
     assert time.monotonic() - start < 60  # bounded retries with backoff, then give up
+    assert proxy.connections == 4  # the README's "4 attempts with backoff": one try and three retries
     message = str(err.value)
-    assert endpoint in message and "unreachable after 4 attempts" in message and "Fix:" in message
+    assert proxy.endpoint in message and "unreachable after 4 attempts" in message and "Fix:" in message
     assert SECRET not in message and "AKIAEXAMPLEKEYID0001" not in message and err.value.transient
     assert (sha256(report), report.stat().st_mtime_ns) == before
 
+
+def test_storage_check_names_the_endpoint_and_the_fix(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEYID0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    endpoint = f"http://127.0.0.1:{closed_port()}"
     env = os.environ | {"RINMEME_S3_URL": "s3://artifacts/p", "AWS_ENDPOINT_URL": endpoint}
     cli = subprocess.run([PY, "-m", "flows.storage", "check"], env=env, capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 1 and endpoint in cli.stderr and "Fix:" in cli.stderr
-    assert SECRET not in cli.stdout + cli.stderr
+    assert cli.returncode == 1 and endpoint in cli.stderr and "unreachable after 4 attempts" in cli.stderr
+    assert "Fix:" in cli.stderr and SECRET not in cli.stdout + cli.stderr
 
 
 def test_scrub_masks_credentials(monkeypatch):

@@ -132,18 +132,27 @@ def test_unet_refuses_self_conditioning():
         (384, 0.25, 32, 96, 288),
     ],
 )
-def test_mixer_channel_bookkeeping(dim, ratio, head, d_h, d_l):
+def test_mixer_sends_d_h_channels_to_local_mixing_and_the_rest_to_global_attention(dim, ratio, head, d_h, d_l):
+    """What the split does, seen from outside: a bump at one pixel of one of the first d_h input channels changes
+    the output only within the 5x5 window the high branches (3x3 conv or 3x3 max-pool, then the fusion's 3x3 conv)
+    can reach; a bump in any of the d_l others reaches every position (pooled self-attention)."""
     assert split_channels(dim, ratio, head) == (d_h, d_l)
-    mixer = InceptionMixer(dim, ratio, head, pool=2)
-    assert (mixer.d_h, mixer.d_l) == (d_h, d_l)
-    assert mixer.fused_channels == 2 * d_h + d_l  # each high branch doubles its half (iFormer)
-    assert mixer.proj.in_channels == 2 * d_h + d_l and mixer.proj.out_channels == dim
-    if d_h:
-        assert mixer.high.conv_in.in_channels == d_h // 2 and mixer.high.pool_fc.in_channels == d_h // 2
-    if d_l:
-        assert mixer.low.heads == d_l // head and mixer.low.qkv.in_features == d_l
-    assert (mixer.high is None) == (d_h == 0) and (mixer.low is None) == (d_l == 0)
-    assert mixer(torch.randn(2, dim, 8, 8)).shape == (2, dim, 8, 8)
+    torch.manual_seed(0)
+    mixer = InceptionMixer(dim, ratio, head, pool=2).eval()
+    x = torch.randn(1, dim, 8, 8)
+    bumped = x.repeat(dim + 1, 1, 1, 1)  # example c < dim: input channel c raised at pixel (1, 1); the last: x
+    bumped[torch.arange(dim), torch.arange(dim), 1, 1] += 10.0  # + 10: also the max of its 3x3 pooling window
+    with torch.no_grad():
+        out = mixer(bumped)
+    assert out.shape == (dim + 1, dim, 8, 8)
+    # (dim, 8, 8): where bumping channel c changed any output channel (beyond float rounding, ~1e-7; changes ~1e-2)
+    reach = (out[:dim] - out[dim:]).abs().amax(dim=1) > 1e-5
+    window = torch.zeros(8, 8, dtype=torch.bool)
+    window[:4, :4] = True  # rows and columns 1 - 2 .. 1 + 2, clipped at the border
+    local = [bool(reach[c, 1, 1]) and not reach[c][~window].any() for c in range(dim)]
+    assert sum(local) == d_h, f"{sum(local)} channels mixed locally, expected d_h = {d_h}"
+    assert local == [True] * d_h + [False] * d_l  # [Y_h; Y_l]: the high mixer takes the first d_h channels
+    assert reach[d_h:].flatten(1).all(), "a low-frequency channel did not reach every position"
 
 
 @pytest.mark.parametrize(

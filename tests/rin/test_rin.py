@@ -28,19 +28,31 @@ def test_output_shapes(shape, patch, channels):
     assert model.cfg.num_tokens == torch.Size(s // p for s, p in zip(shape, patch)).numel()
 
 
-def test_patchify_readout_are_inverse_layouts():
-    """A pixel's value reaches the output token of its own patch: zeroing one patch changes only that patch
-    when the model is reduced to stem + readout."""
-    model = tiny_rin(data_shape=(8, 12), patch=(4, 4), channels=2)
-    tok = model.tokenizer
-    x = torch.arange(2 * 8 * 12, dtype=torch.float32).reshape(1, 2, 8, 12)
-    # Build the token layout that readout expects from the pixels, then invert it through readout's pattern.
-    import einops
-
-    tokens = einops.rearrange(x, "b c (h p0) (w p1) -> b (h w) (p0 p1 c)", p0=4, p1=4)
-    back = einops.rearrange(tokens, tok._unpatch, **tok._sizes, c=2)
-    assert torch.equal(back, x)
-    assert tok.stem(x).flatten(2).shape[-1] == tokens.shape[1]
+@pytest.mark.parametrize("shape,patch,channels", [((8, 12), (4, 4), 2), ((4, 8, 12), (2, 4, 4), 1)])
+def test_a_pixel_moves_one_token_and_the_output_of_its_own_patch(shape, patch, channels):
+    """Tokens and readout are inverse layouts, seen from outside: changing one pixel changes exactly one token, and
+    (the blocks' write attention silenced, so each interface token is carried on its own) exactly the output pixels
+    of that pixel's patch. A swapped or interleaved axis in either layout moves the change elsewhere."""
+    torch.manual_seed(0)
+    model = tiny_rin(data_shape=shape, patch=patch, channels=channels, interface_conv=0).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.write.attn.to_out.weight.zero_()
+            block.write.attn.to_out.bias.zero_()
+    x, gamma = torch.randn(1, channels, *shape), torch.full((1,), 0.4)
+    out, _ = model(x, gamma)
+    tokens = model.tokenizer.tokens(x)
+    rng = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        pixel = [int(torch.randint(n, (1,), generator=rng)) for n in (channels, *shape)]
+        moved = x.clone()
+        moved[(0, *pixel)] += 1.0
+        changed_tokens = (model.tokenizer.tokens(moved) - tokens).abs().amax(dim=2)[0] > 0  # (n,)
+        assert int(changed_tokens.sum()) == 1, f"pixel {pixel} moved {int(changed_tokens.sum())} tokens"
+        changed = (model(moved, gamma)[0] - out).abs().amax(dim=1)[0] > 0  # (*spatial)
+        box = torch.zeros(shape, dtype=torch.bool)
+        box[tuple(slice(c // p * p, (c // p + 1) * p) for c, p in zip(pixel[1:], patch))] = True
+        assert torch.equal(changed, box), f"pixel {pixel} changed outputs outside its own patch (or missed some)"
 
 
 def test_class_token_and_missing_labels():

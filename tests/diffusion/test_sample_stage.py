@@ -1,0 +1,283 @@
+"""The sample stage (diffusion/stages/sample.py) through its command: a finished chunk is kept only when it was drawn
+with the same weights, settings, sample count and context and still matches its checksum, and anything else is drawn
+again; sample.use_ema picks the weights; class-conditional samples carry the label of their own seed (arr_1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from diffusion import cli
+from diffusion.checkpoint import save_weights
+from diffusion.config import parse_params
+from diffusion.distributed import Dist
+from diffusion.registry import build_model
+from diffusion.stages.sample import generate, sampling_fingerprint
+from tests.helpers import with_key
+
+REPO = Path(__file__).resolve().parents[2]
+CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_raw(**run) -> dict:
+    """params.yaml with one tiny RIN run `tiny` (6 samples in chunks of 4, 2 DDPM steps); `run` merges into it."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    tiny = {"dataset": "fashion_mnist", "model": {"family": "rin", "preset": "rin_tiny"}, "diffusion": {},
+            "train": {"self_cond_rate": 0.0, "precision": "fp32"},
+            "sample": {"steps": 2, "num_samples": 6, "batch_size": 4}, "eval": {}}
+    for section, values in run.items():
+        tiny[section] = tiny.get(section, {}) | values
+    raw["runs"] = {"tiny": tiny}
+    raw["experts"], raw["ensembles"] = {}, {}
+    raw["evaluation"]["report"] = {}
+    raw["evaluation"].pop("fourier")
+    return raw
+
+
+def write_params(folder: Path, raw: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def random_weights(raw: dict, seed: int) -> dict[str, torch.Tensor]:
+    """A state dict of the run's network, every tensor drawn from `seed` (large enough to change the samples)."""
+    run = parse_params(raw).run("tiny")
+    torch.manual_seed(seed)
+    model = build_model(run)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.state_dict()
+
+
+def train_folder(folder: Path, model: dict, ema: dict) -> Path:
+    folder.mkdir(parents=True)
+    save_weights(model, folder / "model.safetensors", {})
+    save_weights(ema, folder / "ema.safetensors", {})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> dict[str, Path]:
+    """Two train folders of the tiny run with different weights (a, b), and a with model and EMA swapped."""
+    root = tmp_path_factory.mktemp("sample-stage")
+    raw = tiny_raw()
+    w1, w2, w3 = (random_weights(raw, seed) for seed in (1, 2, 3))
+    return {"root": root, "params": write_params(root, raw), "shards": root,
+            "a": train_folder(root / "a", model=w1, ema=w2), "b": train_folder(root / "b", model=w1, ema=w3),
+            "a_swapped": train_folder(root / "a_swapped", model=w2, ema=w1)}
+
+
+def draw(project, out: Path, params: Path | None = None, weights: str = "a", *extra: str) -> dict[str, np.ndarray]:
+    """Run the sample stage into `out`; returns samples.npz's arrays."""
+    argv = ["--params", str(params or project["params"]), "sample", "tiny", "--weights", str(project[weights]),
+            "--shards", str(project["shards"]), "--out", str(out), "--device", "cpu", *extra]
+    assert cli.main(argv) == 0
+    with np.load(out / "samples.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def chunk_stamps(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((out / "chunks").glob("chunk-*.npz"))}
+
+
+def test_a_rerun_with_the_same_settings_keeps_every_chunk(project, tmp_path):
+    first = draw(project, tmp_path / "s")
+    stamps = chunk_stamps(tmp_path / "s")
+    assert len(stamps) == 2  # 6 samples in chunks of 4
+    assert sorted(first) == ["arr_0"]  # unconditional: no labels array
+    again = draw(project, tmp_path / "s")
+    assert chunk_stamps(tmp_path / "s") == stamps
+    assert np.array_equal(again["arr_0"], first["arr_0"])
+
+
+def test_changed_weights_are_drawn_again(project, tmp_path):
+    old = draw(project, tmp_path / "s", weights="a")
+    new = draw(project, tmp_path / "s", weights="b")
+    fresh = draw(project, tmp_path / "fresh", weights="b")
+    assert not np.array_equal(old["arr_0"], fresh["arr_0"])  # the weights do change the images
+    assert np.array_equal(new["arr_0"], fresh["arr_0"]), "chunks drawn before the change were kept"
+
+
+@pytest.mark.parametrize("section,values", [
+    ("sample", {"steps": 3}),
+    ("sample", {"sampler": "ddim"}),
+    ("sample", {"variance": "small"}),
+    ("sample", {"clip_x0": False}),
+    ("sample", {"td": 0.5}),
+    ("sample", {"seed": 7}),
+    ("sample", {"schedule": {"kind": "linear", "start": 0.0, "end": 1.0, "tau": 1.0}}),
+    ("diffusion", {"prediction": "v"}),
+    ("train", {"precision": "bf16"}),
+])
+def test_changed_sampler_settings_are_drawn_again(project, tmp_path, section, values):
+    changed = write_params(tmp_path / "changed", tiny_raw(**{section: values}))
+    old = draw(project, tmp_path / "s")
+    new = draw(project, tmp_path / "s", changed)
+    fresh = draw(project, tmp_path / "fresh", changed)
+    assert not np.array_equal(old["arr_0"], fresh["arr_0"]), "this setting does not change the images"
+    assert np.array_equal(new["arr_0"], fresh["arr_0"]), "chunks drawn before the change were kept"
+
+
+def test_a_changed_eta_is_drawn_again(project, tmp_path):
+    ddim = write_params(tmp_path / "ddim", tiny_raw(sample={"sampler": "ddim", "eta": 0.0}))
+    noisy = write_params(tmp_path / "noisy", tiny_raw(sample={"sampler": "ddim", "eta": 1.0}))
+    old = draw(project, tmp_path / "s", ddim)
+    new = draw(project, tmp_path / "s", noisy)
+    fresh = draw(project, tmp_path / "fresh", noisy)
+    assert not np.array_equal(old["arr_0"], fresh["arr_0"])
+    assert np.array_equal(new["arr_0"], fresh["arr_0"]), "chunks drawn before the change were kept"
+
+
+def test_a_changed_batch_size_is_chunked_again(project, tmp_path):
+    """Chunks of 3 start at 0 and 3: the old chunk at 0 holds 4 images, which kept would make 7 samples."""
+    rechunked = write_params(tmp_path / "changed", tiny_raw(sample={"batch_size": 3}))
+    old = draw(project, tmp_path / "s")
+    new = draw(project, tmp_path / "s", rechunked)
+    assert new["arr_0"].shape[0] == 6
+    assert np.array_equal(new["arr_0"], old["arr_0"])  # one seed per image: the batch does not change an image
+
+
+@pytest.mark.parametrize("before,after", [(6, 5), (5, 6), (6, 8)])
+def test_a_changed_sample_count_is_drawn_again(project, tmp_path, before, after):
+    draw(project, tmp_path / "s", None, "a", "--num-samples", str(before))
+    new = draw(project, tmp_path / "s", None, "a", "--num-samples", str(after))
+    fresh = draw(project, tmp_path / "fresh", None, "a", "--num-samples", str(after))
+    assert new["arr_0"].shape[0] == after
+    assert np.array_equal(new["arr_0"], fresh["arr_0"]), "chunks drawn before the change were kept"
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _other_images(path: Path) -> None:
+    """A well-formed npz of the right shape whose images are not the ones drawn (its .json left as it was)."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["images"] = 255 - arrays["images"]
+    with path.open("wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage", [_flip_a_byte, _other_images, _truncate], ids=["flipped", "replaced", "truncated"])
+def test_a_damaged_chunk_is_drawn_again(project, tmp_path, damage):
+    out = tmp_path / "s"
+    first = draw(project, out)
+    chunk = out / "chunks" / "chunk-00000004.npz"
+    good = chunk.read_bytes()
+    damage(chunk)
+    again = draw(project, out)
+    assert chunk.read_bytes() == good, "the damaged chunk was kept"
+    assert np.array_equal(again["arr_0"], first["arr_0"])
+
+
+def test_sample_use_ema_chooses_the_weights_that_are_sampled(project, tmp_path):
+    """Folder a holds model=w1, ema=w2; a_swapped holds model=w2, ema=w1: use_ema picks which file is drawn from."""
+    no_ema = write_params(tmp_path / "no-ema", tiny_raw(sample={"use_ema": False}))
+    ema_of_a = draw(project, tmp_path / "ema-a")  # the default: use_ema true
+    model_of_swapped = draw(project, tmp_path / "model-swapped", no_ema, "a_swapped")
+    model_of_a = draw(project, tmp_path / "model-a", no_ema, "a")
+    assert np.array_equal(ema_of_a["arr_0"], model_of_swapped["arr_0"]), "use_ema true did not sample ema.safetensors"
+    assert not np.array_equal(ema_of_a["arr_0"], model_of_a["arr_0"])
+
+
+# ---- video context: generate() as the stage calls it, with the context clips it reads from the test split ----
+
+
+def video_run():
+    raw = tiny_raw(model={"family": "rin", "preset": "rin_tiny_video"}, diffusion={"context_frames": 2},
+                   sample={"steps": 2, "num_samples": 3, "batch_size": 2})
+    raw["runs"]["tiny"]["dataset"] = "moving_fmnist"
+    raw = with_key(with_key(raw, "datasets.moving_fmnist.resolution", 16), "datasets.moving_fmnist.frames", 8)
+    return parse_params(raw).run("tiny")
+
+
+def test_changed_context_clips_are_drawn_again(tmp_path):
+    run = video_run()
+    torch.manual_seed(0)
+    model = build_model(run).eval()
+    weights = tmp_path / "ema.safetensors"
+    save_weights(model.state_dict(), weights, {})
+    rng = np.random.default_rng(0)
+    ctx_a, ctx_b = (rng.integers(0, 256, (3, 2, 16, 16, 1), dtype=np.uint8) for _ in range(2))
+
+    def clips(out: Path, context: np.ndarray) -> np.ndarray:
+        npz = generate(run, model, out, CPU, sampling_fingerprint(run, weights), progress=False, context=context)
+        with np.load(npz) as z:
+            return z["arr_0"]  # (N, T, H, W, C)
+
+    old = clips(tmp_path / "s", ctx_a)
+    new = clips(tmp_path / "s", ctx_b)
+    fresh = clips(tmp_path / "fresh", ctx_b)
+    assert np.array_equal(fresh[:, :2], ctx_b)  # the given frames are the context clips themselves
+    assert not np.array_equal(old, fresh)
+    assert np.array_equal(new, fresh), "chunks drawn for other context clips were kept"
+
+
+# ---- class-conditional sampling ----
+
+
+class LabelPainter(torch.nn.Module):
+    """A denoiser that predicts x0 = an image whose every pixel encodes its label: label k -> 2 k / 9 - 1."""
+
+    def forward(self, x_t, gamma, labels=None, state=None):
+        assert labels is not None and labels.shape == (x_t.shape[0],), labels
+        value = 2.0 * labels.float() / 9.0 - 1.0  # (B,)
+        return value.view(-1, 1, 1, 1).expand_as(x_t).clone(), None
+
+
+def conditional_run(**sample):
+    raw = tiny_raw(model={"family": "rin", "preset": "rin_tiny", "class_conditional": True},
+                   diffusion={"prediction": "x0"}, sample=sample)
+    return parse_params(raw).run("tiny")
+
+
+def test_each_image_is_drawn_for_the_label_stored_beside_it(tmp_path):
+    run = conditional_run(num_samples=200, batch_size=64, seed=3)
+    with np.load(generate(run, LabelPainter(), tmp_path / "s", CPU, "fp", progress=False)) as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.shape == (200, 32, 32, 1) and labels.shape == (200,)
+    painted = np.rint(images[:, 0, 0, 0] / 255 * 9).astype(int)  # the label each image was drawn for
+    assert np.array_equal(painted, labels), "an image was drawn for another label than its arr_1 entry"
+    assert (images == images[:, :1, :1]).all()  # one value per image: the label reached every pixel
+    counts = np.bincount(labels, minlength=10)
+    assert counts.size == 10 and counts.min() >= 5, counts  # every class, ~20 each (Binomial(200, 0.1))
+
+
+def test_a_label_depends_only_on_its_seed(tmp_path):
+    """Image i has seed sample.seed + i: its label is the same in any batch size and sample count, and another
+    seed offset gives other labels."""
+    def labels(out: Path, **sample) -> np.ndarray:
+        with np.load(generate(conditional_run(**sample), LabelPainter(), out, CPU, "fp", progress=False)) as z:
+            return z["arr_1"]
+
+    base = labels(tmp_path / "a", num_samples=40, batch_size=16, seed=0)
+    assert np.array_equal(labels(tmp_path / "b", num_samples=30, batch_size=7, seed=0), base[:30])
+    assert np.array_equal(labels(tmp_path / "c", num_samples=20, batch_size=20, seed=20), base[20:40])
+    assert not np.array_equal(labels(tmp_path / "d", num_samples=40, batch_size=16, seed=1), base)
+
+
+def test_the_class_conditional_stage_writes_the_labels_of_its_chunks(tmp_path):
+    raw = tiny_raw(model={"family": "rin", "preset": "rin_tiny", "class_conditional": True})
+    folder = train_folder(tmp_path / "train", random_weights(raw, 1), random_weights(raw, 2))
+    project = {"params": write_params(tmp_path, raw), "a": folder, "shards": tmp_path}
+    conditional = draw(project, tmp_path / "s")
+    assert sorted(conditional) == ["arr_0", "arr_1"]
+    assert conditional["arr_1"].shape == (6,) and conditional["arr_1"].dtype.kind == "i"
+    assert conditional["arr_1"].min() >= 0 and conditional["arr_1"].max() < 10
+    chunk_labels = [np.load(p)["labels"] for p in sorted((tmp_path / "s" / "chunks").glob("chunk-*.npz"))]
+    assert np.array_equal(np.concatenate(chunk_labels), conditional["arr_1"])
