@@ -53,9 +53,9 @@ LDM_L = _unet(data_shape=(64, 64), model_channels=224, channel_mult=(1, 2, 3, 4)
 # LDM-S: the same layout at 128 channels (~90M, the size of MEME's small baselines).
 LDM_S = _unet(data_shape=(64, 64), model_channels=128, channel_mult=(1, 2, 3, 4), attention_levels=(1, 2, 3))
 # iU-LDM-S: iFormer blocks after the encoder's residual blocks; level 2 kept at 256 channels: 81.1M, against the
-# paper's 82.9M for an iU-Net whose layout it does not publish (test_meme.py keeps it within 3%); pool 2 on the 64 and 32 maps, 1 deeper (as iFormer on its 56 and 28
-# maps). The low mixer's heads are 16 channels wide (the U-Net's attention keeps 32), so that the ratio d_h / d can
-# step by 1/8 at level 0 and four experts can differ there.
+# paper's 82.9M for an iU-Net whose layout it does not publish (test_meme.py keeps it within 3%). Pool 2 on the 64
+# and 32 maps, 1 deeper (as iFormer on its 56 and 28 maps). The low mixer's heads are 16 channels wide (the U-Net's
+# attention keeps 32), so that the ratio d_h / d can step by 1/8 at level 0 and four experts can differ there.
 _IU_MULT = (1, 2, 2, 4)
 _IU_WIDTHS = _widths(128, _IU_MULT)
 _IU_HEAD = 16
