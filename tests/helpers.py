@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import socket
+import threading
 
 from diffusion.config import SampleConfig, ScheduleConfig
 from rin.model import RIN, RINConfig
@@ -52,3 +54,30 @@ def load_checked(raw: dict):
 def run_dirs(outputs, names) -> dict:
     """The report stage's --runs pairs for a folder laid out like outputs/: name -> outputs/<name>."""
     return {name: outputs / name for name in names}
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 in front of `upstream` (host, port): every accepted connection, numbered from 1, goes
+    to `handle(client, n)` on a thread of its own; subclasses decide what reaches the upstream (faults on the wire)."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream, self.connections = upstream, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.handle, args=(client, self.connections), daemon=True).start()
+
+    def handle(self, client: socket.socket, n: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()

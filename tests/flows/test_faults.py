@@ -10,13 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import free_port, start_prefect_server, stop_process_group
+from tests.helpers import TcpProxy
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -54,25 +54,15 @@ def test_the_prefect_server_killed_and_restarted_mid_stage_loses_nothing(tmp_pat
         stop_process_group(server)
 
 
-class CuttingProxy:
-    """A TCP proxy to `upstream` that forwards the first `cut` bytes of every request and then drops the connection:
-    an upload that fails half way, on the wire."""
+class CuttingProxy(TcpProxy):
+    """Forwards the first `cut` bytes of every request and then drops the connection: an upload that fails half
+    way, on the wire."""
 
     def __init__(self, upstream: tuple[str, int], cut: int):
-        self.upstream, self.cut = upstream, cut
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.cut = cut
+        super().__init__(upstream)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
-
-    def _pipe(self, client: socket.socket) -> None:
+    def handle(self, client: socket.socket, n: int) -> None:
         server = socket.create_connection(self.upstream)
         sent = 0
         try:
@@ -91,9 +81,6 @@ class CuttingProxy:
                 except OSError:
                     pass
                 s.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_an_upload_cut_in_the_middle_leaves_no_object(s3_bucket, s3_endpoint, tmp_path, monkeypatch):

@@ -27,6 +27,7 @@ from flows.storage import (
     upload_file,
     verify_object,
 )
+from tests.helpers import TcpProxy
 
 PY = sys.executable
 SECRET = "wJalrXUtnFEMI-not-a-real-secret-K7MDENG"
@@ -74,25 +75,16 @@ def test_upload_carries_its_sha256_and_download_refuses_a_corrupt_object(s3_buck
     assert keep.read_bytes() == b"the good copy" and not list(tmp_path.glob(".keep*"))  # no partial file left
 
 
-class FlakyProxy:
-    """A TCP proxy to `upstream` that counts connections; the first `drop` of them (all, with drop=None) are read and
-    closed without an answer (S3 gone for a moment), the later ones are forwarded both ways."""
+class FlakyProxy(TcpProxy):
+    """The first `drop` connections (all, with drop=None) are read and closed without an answer (S3 gone for a
+    moment), the later ones are forwarded both ways."""
 
     def __init__(self, upstream: tuple[str, int], drop: int | None):
-        self.upstream, self.drop, self.connections = upstream, drop, 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.drop = drop
+        super().__init__(upstream)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            dropped = self.drop is None or self.connections <= self.drop
-            threading.Thread(target=self._hang_up if dropped else self._forward, args=(client,), daemon=True).start()
+    def handle(self, client: socket.socket, n: int) -> None:
+        self._hang_up(client) if self.drop is None or n <= self.drop else self._forward(client)
 
     @staticmethod
     def _hang_up(client: socket.socket) -> None:
@@ -119,9 +111,6 @@ class FlakyProxy:
 
         threading.Thread(target=copy, args=(server, client), daemon=True).start()
         copy(client, server)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def upstream(endpoint: str) -> tuple[str, int]:
