@@ -86,12 +86,16 @@ def ablation(
     grid: dict[str, list[Any]], scale: Scale = "smoke", targets: list[str] | None = None, project: str | None = None
 ) -> list[dict[str, Any]]:
     """Run every combination of `grid` (dotted params.yaml key -> list of values) as a DVC experiment, at `scale`
-    ("smoke" shrinks every run first; "paper" leaves params.yaml as it is). `targets`: stages to reproduce (default:
+    ("smoke" shrinks every run first; "cpu" leaves params.yaml as it is; a paper run is ablated by copying it into
+    `runs`: experiments run in the checkout, on the pipeline's sections). `targets`: stages to reproduce (default:
     the whole pipeline). Combinations run one after another; each is as parallel as its own stages."""
     log = get_run_logger()
     repo = Path(project).resolve() if project else repo_root()
     raw = read_params(repo)
     combos = expand_grid(grid)
+    if scale == "paper":
+        raise OverrideError("ablation runs DVC experiments in the checkout, on params.yaml's pipeline sections: use "
+                            "scale cpu (params.yaml as it is) and copy the paper runs to ablate into `runs`")
     base_overrides = scale_overrides(raw, scale)
     base = baseline(repo)
     storage = result_storage(repo)
@@ -121,7 +125,7 @@ def ablation(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.ablation", description=__doc__)
     p.add_argument("--grid", required=True, help='JSON: {"runs.rin_fmnist.train.lr": [0.001, 0.002], ...}')
-    p.add_argument("--scale", choices=["smoke", "paper"], default="smoke")
+    p.add_argument("--scale", choices=["smoke", "cpu"], default="smoke")
     p.add_argument("--targets", nargs="*", default=[], help="stages to reproduce (default: all)")
     p.add_argument("--project", help="checkout to run in (default: this one)")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """Deployments of the flows, for a Prefect server at PREFECT_API_URL.
 
-  python -m flows.deploy [serve]           serve reproduce-table2/{smoke,paper} and ablation/{smoke,paper}; their runs
+  python -m flows.deploy [serve]           serve reproduce-table2/{smoke,cpu,paper} and ablation/{smoke,cpu}; their runs
                                            execute as subprocesses of this process, on this machine
   python -m flows.deploy wait FLOW/NAME    return once that deployment is registered
   python -m flows.deploy pool POOL         register reproduce-table2/POOL and ablation/POOL (paper scale) on a work
@@ -37,10 +37,16 @@ def deployments() -> list:
             description="RIN Table 2 with a tiny configuration of its runs: minutes on a CPU",
         ),
         reproduce_table2.to_deployment(
+            name="cpu",
+            parameters={"scale": "cpu"},
+            tags=tags,
+            description="RIN Table 2 with params.yaml as it is (what `dvc repro` builds)",
+        ),
+        reproduce_table2.to_deployment(
             name="paper",
             parameters={"scale": "paper"},
             tags=tags,
-            description="RIN Table 2 with params.yaml as it is (a GPU machine)",
+            description="RIN Table 2 with params.yaml's paper section: the paper's runs (a GPU cluster)",
         ),
         ablation.to_deployment(
             name="smoke",
@@ -49,8 +55,8 @@ def deployments() -> list:
             description="A grid of params.yaml overrides as DVC experiments, each run shrunk to smoke scale",
         ),
         ablation.to_deployment(
-            name="paper",
-            parameters={"scale": "paper"},
+            name="cpu",
+            parameters={"scale": "cpu"},
             tags=tags,
             description="A grid of params.yaml overrides as DVC experiments; pass --param grid='{...}'",
         ),
@@ -63,7 +69,7 @@ def to_pool(pool: str, source: str, launcher: str) -> None:
     from prefect import flow
 
     entrypoints = {"reproduce-table2": "flows/table2.py:reproduce_table2", "ablation": "flows/ablation.py:ablation"}
-    params = {"reproduce-table2": {"scale": "paper", "launcher": launcher}, "ablation": {"scale": "paper"}}
+    params = {"reproduce-table2": {"scale": "paper", "launcher": launcher}, "ablation": {"scale": "cpu"}}
     for name, entrypoint in entrypoints.items():
         flow.from_source(source=source, entrypoint=entrypoint).deploy(
             name=pool, work_pool_name=pool, parameters=params[name], tags=["rin-meme"], print_next_steps=False

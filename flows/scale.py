@@ -1,6 +1,7 @@
-"""Run scales and params.yaml overrides: `paper` runs params.yaml as it is (a GPU cluster); `smoke` shrinks every
-run, expert and ensemble, their datasets and reference sets to minutes on a CPU. Overrides are dotted params.yaml
-keys, as in `dvc exp run -S runs.rin_fmnist.train.steps=1000`."""
+"""Run scales and params.yaml overrides: `cpu` runs params.yaml as it is (what `dvc repro` builds); `paper` runs its
+`paper` section instead (the papers' runs, for a GPU cluster); `smoke` shrinks every run, expert and ensemble, their
+datasets and reference sets to minutes on a CPU. Overrides are dotted params.yaml keys, as in
+`dvc exp run -S runs.rin_fmnist.train.steps=1000`."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from diffusion.config import Params, parse_params
+from diffusion.config import PAPER_KEYS, Params, paper_section, parse_params
 from diffusion.typed import ConfigError
 
-Scale = Literal["paper", "smoke"]
-SCALES: tuple[str, ...] = ("paper", "smoke")
+Scale = Literal["cpu", "paper", "smoke"]
+SCALES: tuple[str, ...] = ("cpu", "paper", "smoke")
 
 # The tiny configuration of every run, expert and ensemble at smoke scale. Each value is what the key is set to; one
 # place, no defaults repeated: anything not named here keeps its params.yaml value.
@@ -85,7 +86,21 @@ def scale_overrides(raw: Mapping[str, Any], scale: str) -> dict[str, Any]:
     """The dotted overrides of a scale for the params.yaml data `raw` (read through the typed config)."""
     if scale not in SCALES:
         raise OverrideError(f"scale must be one of {list(SCALES)}, got {scale!r}")
-    return smoke_overrides(parse_params(raw)) if scale == "smoke" else {}
+    if scale == "smoke":
+        return smoke_overrides(parse_params(raw))
+    if scale == "paper":
+        return paper_overrides(raw)
+    return {}
+
+
+def paper_overrides(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The `paper` section in place of the pipeline's sections (pipeline, autoencoders, runs, experts, ensembles,
+    evaluation): top-level overrides, so the workspace builds the papers' runs and only them."""
+    promoted = paper_section(raw)
+    if promoted is None:
+        raise OverrideError("params.yaml has no `paper` section: the paper scale runs its runs (add one, or use the "
+                            "cpu scale to run params.yaml as it is)")
+    return {key: promoted[key] for key in PAPER_KEYS}
 
 
 def absolute_roots(raw: Mapping[str, Any], repo: Path) -> dict[str, Any]:

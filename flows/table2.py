@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from diffusion.typed import set_dotted
 from flows.results import result_storage
 from flows.scale import Scale, scale_overrides, table_runs
 from flows.storage import S3Location
@@ -28,11 +29,12 @@ def run_table(
     log = get_run_logger()
     repo = Path(project).resolve() if project else repo_root()
     raw = read_params(repo)
-    runs = table_runs(raw, table)
-    if not runs:
-        raise ValueError(f"{repo}/params.yaml: no run has evaluation.report.<run>.table = {table}; add one")
     extra = dict(overrides or {})
     all_overrides = scale_overrides(raw, scale) | extra
+    runs = table_runs(set_dotted(raw, all_overrides), table)  # the paper scale's runs are its section's
+    if not runs:
+        raise ValueError(f"{repo}/params.yaml: no run has evaluation.report.<run>.table = {table} at {scale} scale; "
+                         "add one")
     storage = result_storage(repo)
     if all_overrides:
         name = workspace_name(scale, extra)
@@ -98,17 +100,17 @@ def reproduce_table2(
     project: str | None = None,
     launcher: str = "",
 ) -> dict:
-    """RIN Table 2 (image generation) at `scale`: "smoke" (a tiny configuration of the same runs, minutes on a CPU) or
-    "paper" (params.yaml as it is, for a GPU cluster). `overrides`: extra dotted params.yaml keys (runs then in
-    their own workspace); `parallel`: stages at once (0: one on a machine of up to 3 CPUs, else two; each
-    stage's thread count is its share of the CPUs); `project`: another checkout of this repository; `launcher`:
-    what runs the train and sample stages' `python` (e.g. `torchrun --nproc_per_node=8`)."""
+    """RIN Table 2 (image generation) at `scale`: "smoke" (a tiny configuration of the same runs, minutes on a CPU),
+    "cpu" (params.yaml as it is) or "paper" (its `paper` section's runs, for a GPU cluster). `overrides`: extra
+    dotted params.yaml keys (runs then in their own workspace); `parallel`: stages at once (0: one on a machine of
+    up to 3 CPUs, else two; each stage's thread count is its share of the CPUs); `project`: another checkout of this
+    repository; `launcher`: what runs the train and sample stages' `python` (e.g. `torchrun --nproc_per_node=8`)."""
     return run_table(TABLE, scale, overrides, parallel, project, launcher)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flows.table2", description=__doc__)
-    p.add_argument("--scale", choices=["smoke", "paper"], default="smoke")
+    p.add_argument("--scale", choices=["smoke", "cpu", "paper"], default="smoke")
     p.add_argument("--overrides", default="{}", help="JSON object of dotted params.yaml keys -> values")
     p.add_argument("--parallel", type=int, default=0, help="stages at once (0: 1 on up to 3 CPUs, else 2)")
     p.add_argument("--project", help="checkout to run in (default: this one)")

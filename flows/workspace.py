@@ -16,13 +16,15 @@ from typing import Any
 
 import yaml
 
-from diffusion.config import load_yaml
+from diffusion.config import load_yaml, parse_params
 from diffusion.io import canonical_json, write_text
-from diffusion.typed import set_dotted
+from diffusion.typed import ConfigError, set_dotted
+from flows.dvcgen import static_stages
 from flows.scale import absolute_roots
 
 FLOWS_DIR = ".flows"  # gitignored: derived workspaces and local Prefect results
-OWNED = ("params.yaml", "dvc.lock", ".dvc/config", ".dvc/config.local")  # a derived workspace keeps its own
+# A derived workspace keeps its own: dvc.yaml too, whose run-by-run stages (flows/dvcgen.py) follow its params
+OWNED = ("params.yaml", "dvc.yaml", "dvc.lock", ".dvc/config", ".dvc/config.local")
 MANIFEST = ".flows-files.json"  # the files last copied in, so files deleted from the repository go too
 
 
@@ -87,6 +89,18 @@ def _write_if_changed(path: Path, text: str) -> None:
         write_text(path, text)
 
 
+def workspace_dvc_yaml(repo: Path, params: Mapping[str, Any]) -> str:
+    """The repository's dvc.yaml with its report and fourier stages written for the workspace's params (the paper
+    scale names other runs); a project whose params this pipeline cannot read keeps its dvc.yaml as it is."""
+    text = (repo / "dvc.yaml").read_text()
+    try:
+        typed = parse_params(params)
+    except ConfigError:
+        return text
+    header = "# written by flows/workspace.py from the repository's dvc.yaml for this workspace's params.yaml\n"
+    return header + yaml.safe_dump(static_stages(yaml.safe_load(text), typed), sort_keys=False, width=120)
+
+
 def sync_workspace(repo: Path, name: str, overrides: Mapping[str, Any]) -> Path:
     """Create or update .flows/workspaces/<name>: copy changed project files, remove ones the project dropped,
     write params.yaml (overrides applied; relative dataset roots pointed at the repository) and DVC's config."""
@@ -109,6 +123,7 @@ def sync_workspace(repo: Path, name: str, overrides: Mapping[str, Any]) -> Path:
     raw = read_params(repo)
     params = set_dotted(raw, absolute_roots(raw, repo) | dict(overrides))
     _write_if_changed(ws / "params.yaml", yaml.safe_dump(params, sort_keys=False, width=120))
+    _write_if_changed(ws / "dvc.yaml", workspace_dvc_yaml(repo, params))
     config = (
         "# written by flows/workspace.py: a derived workspace without git, sharing the repository's cache\n"
         f"[core]\n    no_scm = true\n    analytics = false\n[cache]\n    dir = {cache_dir(repo)}\n"

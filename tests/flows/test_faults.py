@@ -29,7 +29,7 @@ def test_the_prefect_server_killed_and_restarted_mid_stage_loses_nothing(tmp_pat
     env = os.environ | {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_HOME": str(home),
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     overrides = {"runs.a.steps": 60, "runs.a.sleep": 0.2}
-    cmd = [PY, "-m", "flows.table2", "--scale", "paper", "--parallel", "1", "--project", str(toy_project),
+    cmd = [PY, "-m", "flows.table2", "--scale", "cpu", "--parallel", "1", "--project", str(toy_project),
            "--overrides", json.dumps(overrides)]
     server = start_prefect_server(home, port)
     flow = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

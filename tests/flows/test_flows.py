@@ -53,7 +53,7 @@ def processes_running(word: str) -> list[str]:
 def run_table2(project: Path, **params):
     from flows.table2 import reproduce_table2
 
-    state = reproduce_table2(project=str(project), return_state=True, **({"scale": "paper"} | params))
+    state = reproduce_table2(project=str(project), return_state=True, **({"scale": "cpu"} | params))
     return state, task_states(state.state_details.flow_run_id)
 
 
@@ -200,12 +200,14 @@ def test_ablation_runs_each_combination_as_one_experiment_with_the_grid_over_the
     assert len(commands) == 1 and names[1] in commands[0] and again[0]["seconds"] == 0.0
 
 
-def test_ablation_at_paper_scale_sets_only_the_grid(recorded_ablation):
-    results, commands, _ = recorded_ablation({"runs.rin_fmnist.train.lr": [0.003]}, "paper", [])
+def test_ablation_at_cpu_scale_sets_only_the_grid(recorded_ablation):
+    results, commands, _ = recorded_ablation({"runs.rin_fmnist.train.lr": [0.003]}, "cpu", [])
     (cmd,) = commands
     exp = cmd[cmd.index("exp"):]
     assert parse_set_args(exp[5:]) == {"runs.rin_fmnist.train.lr": 0.003}  # no targets: the whole pipeline
-    assert results[0]["name"].startswith("paper-lr0.003-")
+    assert results[0]["name"].startswith("cpu-lr0.003-")
+    with pytest.raises(OverrideError, match="use scale cpu"):  # experiments run on the pipeline's sections only
+        recorded_ablation({"runs.rin_fmnist.train.lr": [0.003]}, "paper", [])
 
 
 @pytest.mark.parametrize(
@@ -315,7 +317,7 @@ def test_stage_errors_fail_at_once_and_killed_stages_are_retried(prefect_server,
 
 def test_killed_flow_reruns_from_its_cache_and_checkpoints(prefect_server, toy_project):
     overrides = {"runs.a.steps": 60, "runs.a.sleep": 0.2}  # extra overrides: a derived workspace, .flows/workspaces
-    cmd = [PY, "-m", "flows.table2", "--scale", "paper", "--parallel", "1", "--project", str(toy_project),
+    cmd = [PY, "-m", "flows.table2", "--scale", "cpu", "--parallel", "1", "--project", str(toy_project),
            "--overrides", json.dumps(overrides)]  # fmt: skip
     flow = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = toy_project / ".flows" / "workspaces"
@@ -342,10 +344,10 @@ def test_served_deployment_runs_from_the_cli(prefect_server, toy_project):
     serve = subprocess.Popen([PY, "-m", "flows.deploy", "serve"], cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        subprocess.run([PY, "-m", "flows.deploy", "wait", "reproduce-table2/paper"], cwd=REPO, check=True, timeout=150)
+        subprocess.run([PY, "-m", "flows.deploy", "wait", "reproduce-table2/cpu"], cwd=REPO, check=True, timeout=150)
         project = f"project={json.dumps(str(toy_project))}"
         run = subprocess.run(
-            [PREFECT, "deployment", "run", "reproduce-table2/paper", "--param", project, "--watch"],
+            [PREFECT, "deployment", "run", "reproduce-table2/cpu", "--param", project, "--watch"],
             cwd=REPO, capture_output=True, text=True, timeout=330,
         )  # fmt: skip
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -191,7 +191,7 @@ def test_flow_results_artifacts_and_dvc_remote_on_s3_then_a_fresh_clone(
     monkeypatch.setenv("RINMEME_S3_URL", f"{s3_bucket}/proj")
     remote = ("remote", "add", "-d", "--local", "s3", f"{s3_bucket}/proj/dvc")  # the README's command
     sh(PY, "-m", "dvc", *remote, cwd=toy_project)
-    state = reproduce_table2(scale="paper", project=str(toy_project), return_state=True)
+    state = reproduce_table2(scale="cpu", project=str(toy_project), return_state=True)
     assert state.is_completed()
     s3 = boto3.client("s3")
     bucket = s3_bucket.removeprefix("s3://")
@@ -212,7 +212,7 @@ def test_flow_results_artifacts_and_dvc_remote_on_s3_then_a_fresh_clone(
     for out in ("data/prep.json", "outputs/a/train/model.json", "outputs/b/train/model.json"):
         assert (fresh / out).read_bytes() == (toy_project / out).read_bytes()
 
-    again = reproduce_table2(scale="paper", project=str(fresh), return_state=True)
+    again = reproduce_table2(scale="cpu", project=str(fresh), return_state=True)
     stages = stage_states(task_states(again.state_details.flow_run_id))
     assert stages["prep"] == "Cached"  # up to date after the pull, and its result is found on S3
     assert stages["report"] == "Completed"  # its output is not in DVC's cache (cache: false): DVC says run it
