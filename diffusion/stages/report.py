@@ -463,8 +463,9 @@ def comparability_note(rows: Sequence[TableRow]) -> str:
     described = "; ".join(f"N = {n:,} vs {ref:,} {split} ({DATASET_NAMES.get(ds, ds)}): {', '.join(runs)}"
                           for (ds, n, ref, split), runs in groups.items())
     if len(groups) == 1:
-        return (f"Our rows here share one protocol ({described}). The paper's {metric}s are at other N and "
-                f"references: compare ours with theirs by trend, not digit.")
+        return (f"Our rows here share one protocol ({described}): they may be compared with each other "
+                f"({KERNEL[metric]}'s ± says how far), but not digit by digit with the paper's {metric}s, which are "
+                "at another N and reference.")
     return (f"Our rows were scored at different N or against different references ({described}). {metric}'s bias "
             f"depends on N and on the model: do not rank these rows against each other by {metric}; "
             f"{KERNEL[metric]} is unbiased at any N, and its ± says how far a difference can be trusted.")
@@ -622,6 +623,8 @@ def card_text(row: TableRow, prov: Provenance, notes: Sequence[str] = ()) -> str
         k = kernel.lower()
         metric_rows.insert(1, (kernel, DASH, f"{kernel_value(kernel, ev)} ({ev.get(f'{k}_subsets')} subsets of "
                                              f"{ev.get(f'{k}_subset_size')})"))
+    elif ev is not None:
+        metric_rows.insert(1, (kernel, DASH, f"{DASH} (not in eval/metrics.json: see the notes)"))
     lines += _kv_table(metric_rows, ("metric", "paper", "ours"))
     if ev is not None:
         key = METRIC_KEYS[table.metrics[0]]
