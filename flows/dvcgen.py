@@ -38,7 +38,8 @@ def report_stage(template: Mapping[str, Any], params: Params) -> dict[str, Any]:
     runs = report_order(params)
     fourier = params.evaluation.fourier is not None
     cmd = ("python -m diffusion.cli report --runs " + " ".join(f"{r.name}={OUTPUTS}/{r.name}" for r in runs)
-           + (f" --fourier {FOURIER_OUT}" if fourier else "") + " --recipes recipes.yaml --out " + f"{OUTPUTS}/report")
+           + (f" --fourier {FOURIER_OUT}" if fourier else "")
+           + f" --recipes recipes.yaml --dvc-lock dvc.lock --out {OUTPUTS}/report")
     files = [f"{OUTPUTS}/{r.name}/" + "/".join(RUN_FILES[key]) for r in runs for key in STAGES[r.section]]
     stage = copy.deepcopy(dict(template))
     stage["cmd"] = cmd

@@ -53,12 +53,16 @@ def run_table(
             dvc_push(str(workspace), list(stages))
     report = _report_folder(workspace) / "report.md"
     if report.exists():
-        create_markdown_artifact(
-            key=f"{table.replace('_', '-')}-{scale}",
-            markdown=report.read_text(),
-            description=f"{table} at {scale} scale ({workspace})",
-        )
+        report_artifact(report, table, scale, name)
     return {"workspace": str(workspace), "runs": runs, "report": str(report), "stages": stages}
+
+
+def report_artifact(report: Path, table: str, scale: str, workspace_name: str) -> None:
+    """report.md as a Prefect Markdown artifact. Its header names the table, the scale and the workspace by name,
+    never by its local path (which would show this machine's folders to everyone who reads the Prefect UI)."""
+    where = "the checkout itself" if workspace_name == "repo" else f"workspace {workspace_name!r} (.flows/workspaces/)"
+    create_markdown_artifact(key=f"{table.replace('_', '-')}-{scale}", markdown=report.read_text(),
+                             description=f"{table} at {scale} scale, in {where}")
 
 
 def plan_lines(workspace: Path, runs: list[str], gpus: int = 1) -> list[str]:

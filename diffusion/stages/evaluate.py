@@ -21,7 +21,7 @@ import torch
 from data.tarformat import DataError
 from diffusion.args import out_folder, parser
 from diffusion.config import ConfigError, Params, ReferenceSet, RunConfig, load_params
-from diffusion.io import write_json
+from diffusion.io import sha256_file, write_json
 from diffusion.metrics import fid as fidlib
 from diffusion.metrics import fvd as fvdlib
 from diffusion.metrics import kid as kidlib
@@ -30,6 +30,7 @@ from diffusion.metrics.features import (
     NOT_AVAILABLE,
     feature_network_for,
     feature_space,
+    resize_method,
     timed_features,
 )
 from diffusion.metrics.inception_score import (
@@ -165,8 +166,9 @@ def model_cost(path: Path) -> dict[str, Any]:
 
 def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: Path, ref_path: Path, out_dir: Path,
                  net: torch.nn.Module | None = None) -> dict[str, Any]:
-    """The evaluate stage: metrics.json with FID and KID (FVD, KVD and video IS for video), how they were computed,
-    IS (or "not available") and model cost."""
+    """The evaluate stage: metrics.json with FID and KID (FVD, KVD and video IS for video), how they were computed
+    (the samples file's sha256, the reference, the feature network and its hash, the resize), IS (or "not
+    available") and model cost."""
     start = time.perf_counter()
     images = load_samples(samples_path, run)
     reference_set(params, run)
@@ -187,9 +189,10 @@ def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: 
     metrics = {
         "run": run.name, "dataset": run.dataset_name, "resolution": run.dataset.resolution, **score,
         "num_samples": result.n1, "num_reference": result.n2, "reference_split": run.eval.reference_split,
-        "reference_file": str(ref_path), "sampler": run.sample.sampler, "sampling_steps": run.sample.steps,
+        "reference_file": str(ref_path), "samples_sha256": sha256_file(samples_path),
+        "sampler": run.sample.sampler, "sampling_steps": run.sample.steps,
         "feature_network": network, "feature_extractor": extractor, "feature_network_sha256": sha,
-        **cost,
+        "resize": resize_method(run.dataset), **cost,
         "feature_images_per_s": rate, "seconds": time.perf_counter() - start,
     }
     write_json(out_dir / "metrics.json", metrics)

@@ -19,9 +19,11 @@ from data.readers import load_idx_split
 from data.tarformat import DataError
 from diffusion import cli
 from diffusion.config import ConfigError, load_params
+from diffusion.io import sha256_file
 from diffusion.metrics import fid as fidlib
 from diffusion.metrics import fvd as fvdlib
 from diffusion.metrics import kid as kidlib
+from diffusion.metrics.features import RESIZE_CLIPS, RESIZE_IMAGES
 from diffusion.metrics.weights import FID_INCEPTION_SHA256
 from diffusion.stages import evaluate as ev
 
@@ -85,6 +87,8 @@ def test_evaluate_writes_every_metrics_field(stage: dict[str, Path]) -> None:
     assert m["inception_score"] == ev.NOT_AVAILABLE and m["inception_score_note"].startswith("not available:")
     assert (m["model_params"], m["gflops_per_image"]) == (123, 0.5)  # the sample stage's count, passed on
     assert m["feature_images_per_s"] > 0
+    assert m["samples_sha256"] == sha256_file(stage["root"] / "samples.npz")  # the file scored, for its card
+    assert m["resize"] == RESIZE_IMAGES
 
 
 def test_fid_of_the_reference_set_against_itself_is_zero(stage: dict[str, Path]) -> None:
@@ -182,6 +186,7 @@ def test_video_evaluation_writes_fvd_kvd_and_the_video_is(video: dict) -> None:
     m = evaluate_video(video, 1, "eval")
     assert json.loads((video["root"] / "eval" / "metrics.json").read_text()) == m
     assert "fid" not in m and "kid" not in m and m["fvd"] > 0
+    assert m["resize"] == RESIZE_CLIPS and m["samples_sha256"] == sha256_file(video["root"] / "samples.npz")
     assert m["video_is"] == pytest.approx(4.0, rel=1e-9)  # one split over 4 equally used, confident classes
     assert (m["inception_score"], m["video_is_splits"], m["video_is_std"]) == (m["video_is"], 1, 0.0)
     logits = 50.0 * np.eye(fvdlib.FEATURE_DIM)[np.repeat(np.arange(4), 2)]  # what BrightnessI3D gives these clips

@@ -218,7 +218,7 @@ def test_report_rows_of_the_meme_table(tmp_path):
     assert (meme["FID paper"], meme["FID ours"], meme["params paper"]) == ("41.10", "50.00 (singular)", "4 x 82M")
     assert (meme["train steps ours"], meme["images seen ours"]) == ("4 x 600", "76,800")
     assert meme["params ours"] == "4.85M in 4 experts" and "train:" not in meme["notes"]
-    assert multi["FID paper"] == report.DASH and "gives no number" in multi["source"]
+    assert multi["FID paper"] == report.DASH and "not recorded here" in multi["source"]
     assert multi["FID ours"] == report.DASH and "dvc repro evaluate_ensemble@multi_unet_fmnist" in multi["notes"]
     assert "dvc repro train_expert@multi_unet_fmnist_e1" in multi["notes"]
     assert "Runs in no table" not in md and "`meme_fmnist` (MEME ensemble)" in md

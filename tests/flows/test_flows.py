@@ -104,6 +104,21 @@ def test_overrides_and_their_dvc_arguments():
     ]  # fmt: skip
 
 
+def test_the_report_artifact_names_its_workspace_without_a_local_path(tmp_path, monkeypatch):
+    import flows.table2 as table2
+
+    made = []
+    monkeypatch.setattr(table2, "create_markdown_artifact", lambda **kwargs: made.append(kwargs))
+    report = tmp_path / ".flows" / "workspaces" / "smoke" / "outputs" / "report" / "report.md"
+    report.parent.mkdir(parents=True)
+    report.write_text("# the report\n")
+    table2.report_artifact(report, "rin_table2", "smoke", "smoke")
+    table2.report_artifact(report, "rin_table2", "paper", "repo")
+    assert [m["description"] for m in made] == ["rin_table2 at smoke scale, in workspace 'smoke' (.flows/workspaces/)",
+                                                "rin_table2 at paper scale, in the checkout itself"]
+    assert made[0]["markdown"] == "# the report\n" and made[0]["key"] == "rin-table2-smoke"
+
+
 def test_grid_and_experiment_names():
     combos = expand_grid({"runs.r.train.lr": [0.001, 0.002], "runs.r.train.steps": [10]})
     assert combos == [{"runs.r.train.lr": 0.001, "runs.r.train.steps": 10},
