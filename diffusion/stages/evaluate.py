@@ -25,6 +25,7 @@ from diffusion.io import sha256_file, write_json
 from diffusion.metrics import fid as fidlib
 from diffusion.metrics import fvd as fvdlib
 from diffusion.metrics import kid as kidlib
+from diffusion.metrics import seams
 from diffusion.metrics.features import (
     FEATURE_BATCH_SIZE,
     NOT_AVAILABLE,
@@ -153,15 +154,33 @@ def video_inception_score_fields(logits: np.ndarray, run: RunConfig) -> dict[str
 
 
 def model_cost(path: Path) -> dict[str, Any]:
-    """The sampled network's parameters and GFLOPs per call, as the sample stage counted them (its cost.json)."""
+    """The sampled network's parameters and GFLOPs per call, and its patch size (None: not a patch model), as the
+    sample stage counted them (its cost.json)."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no model cost; re-run the sample stage, which writes it beside samples.npz")
     try:
         cost = json.loads(path.read_text())
-        return {"model_params": int(cost["model_params"]), "gflops_per_image": float(cost["gflops_per_image"])}
+        patch = cost.get("patch")
+        return {"model_params": int(cost["model_params"]), "gflops_per_image": float(cost["gflops_per_image"]),
+                "patch": [int(p) for p in patch] if patch else None}
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: not the sample stage's cost.json ({type(err).__name__}: {err}); re-run the sample "
                         "stage") from None
+
+
+def seam_fields(images: np.ndarray, ref_path: Path, patch: list[int] | None) -> dict[str, Any]:
+    """A patch model's seam ratio on its samples and on the cached real reference images (the floor), or nothing for
+    a model without patches; the real side is null when the refstats file predates stored images."""
+    if not patch:
+        return {}
+    with np.load(ref_path) as z:
+        real = z["images"] if "images" in z.files else None
+    out: dict[str, Any] = dict(seams.seam_ratio(images, patch))
+    if real is not None:
+        out |= {f"{k}_real": v for k, v in seams.seam_ratio(real, patch).items()}
+    else:
+        out["seam_ratio_real"] = None
+    return {"seam_patch": patch, **out}
 
 
 def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: Path, ref_path: Path, out_dir: Path,
@@ -186,6 +205,7 @@ def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: 
         score = {"fid": result.fid, "fid_method": result.method, "singular": result.singular,
                  **kernel_distance_fields("kid", feats, ref_feats, run), **inception_score_fields(images, run)}
     cost = model_cost(cost_path)
+    score |= seam_fields(images, ref_path, cost.pop("patch"))
     metrics = {
         "run": run.name, "dataset": run.dataset_name, "resolution": run.dataset.resolution, **score,
         "num_samples": result.n1, "num_reference": result.n2, "reference_split": run.eval.reference_split,
@@ -216,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     k = kernel.lower()
     print(f"{run.name}: {metric} {m[metric.lower()]:.3f}{flag}, {kernel} {m[k]:.5f} +- {m[f'{k}_std']:.5f} "
           f"({m[f'{k}_subsets']} subsets of {m[f'{k}_subset_size']}) from {m['num_samples']} samples vs "
-          f"{m['num_reference']} {m['reference_split']} references; IS {m['inception_score']} -> "
+          f"{m['num_reference']} {m['reference_split']} references; IS {m['inception_score']}"
+          + (f"; seam ratio {m['seam_ratio']:.3f} (real images: {m['seam_ratio_real']})" if "seam_ratio" in m else "")
+          + " -> "
           f"{out / 'metrics.json'}")
     return 0

@@ -19,6 +19,7 @@ from diffusion.metrics import fid as fidlib
 from diffusion.metrics.features import feature_network_for, feature_space, timed_features
 
 log = logging.getLogger(__name__)
+REAL_IMAGES_KEPT = 2048  # reference images (clips) stored as uint8 beside their features: 2 MB of 32x32 images
 
 
 def write_refstats(dataset: str, cfg: DatasetConfig, ref: ReferenceSet, shard_root: str | Path, out: str | Path,
@@ -34,7 +35,8 @@ def write_refstats(dataset: str, cfg: DatasetConfig, ref: ReferenceSet, shard_ro
         path, features=feats.astype(np.float32),  # the network's own fp32 output
         mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n), extractor=np.str_(stats.extractor),
         dataset=np.str_(dataset), split=np.str_(ref.split), resolution=np.int64(cfg.resolution),
-        network_sha256=np.str_(sha), images_per_s=np.float64(rate))
+        network_sha256=np.str_(sha), images_per_s=np.float64(rate),
+        images=images[:REAL_IMAGES_KEPT])  # real images for image statistics beside FID (the seam ratio's floor)
     log.info("wrote %s (%d images)", path, len(feats))
     return path
 

@@ -625,6 +625,11 @@ def card_text(row: TableRow, prov: Provenance, notes: Sequence[str] = ()) -> str
                                              f"{ev.get(f'{k}_subset_size')})"))
     elif ev is not None:
         metric_rows.insert(1, (kernel, DASH, f"{DASH} (not in eval/metrics.json: see the notes)"))
+    if ev is not None and _number(ev.get("seam_ratio")):
+        real = ev.get("seam_ratio_real")
+        metric_rows.append(("seam ratio", DASH, f"{ev['seam_ratio']:.3f} across / inside the "
+                            f"{'x'.join(map(str, ev.get('seam_patch') or []))} patch grid; real images: "
+                            + (f"{real:.3f}" if _number(real) else f"{DASH} (refstats predates stored images)")))
     lines += _kv_table(metric_rows, ("metric", "paper", "ours"))
     if ev is not None:
         key = METRIC_KEYS[table.metrics[0]]

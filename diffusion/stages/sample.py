@@ -146,11 +146,12 @@ COST_FILE = "cost.json"  # beside samples.npz: what one call of the sampled netw
 
 def write_cost(run: RunConfig, model: torch.nn.Module, out_dir: Path) -> Path:
     """Parameters and forward GFLOPs per image of one call of the network that drew the samples (an ensemble: of
-    the expert a step calls), counted by diffusion.flops."""
+    the expert a step calls), counted by diffusion.flops, and the patch size of a patch model (else null)."""
     cfg = resolve_model(run)
     cost = denoiser_cost(model, cfg.data_shape, cfg.channels, cfg.num_classes)
+    patch = list(cfg.patch) if getattr(cfg, "patch", None) else None  # a patch model's grid: evaluate's seam ratio
     return write_json(out_dir / COST_FILE, {"model_params": cost.params, "gflops_per_image": cost.gflops,
-                                            "sampling_steps": run.sample.steps})
+                                            "sampling_steps": run.sample.steps, "patch": patch})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -201,3 +201,22 @@ def test_video_is_follows_is_splits(video: dict) -> None:
     assert (m["video_is"], m["video_is_std"], m["video_is_splits"]) == (pytest.approx(2.0, rel=1e-9), 0.0, 2)
     with pytest.raises(ConfigError, match=r"runs\.rin_moving_fmnist\.eval\.is_splits 9 exceeds the 8 samples"):
         evaluate_video(video, 9, "eval-9")
+
+
+def test_seam_ratio_of_a_patch_model_beside_real_images(stage: dict[str, Path]) -> None:
+    """A cost.json with a patch grid makes evaluate score the seam ratio of the samples and of the stored real
+    reference images (refstats keeps them); the real images against themselves give the same ratio."""
+    cfg = load_params(stage["params"]).datasets["fashion_mnist"]
+    real = read_split(cfg, stage["shards"], "train", limit=N)[0]
+    with np.load(stage["refstats"]) as z:
+        np.testing.assert_array_equal(z["images"], real)  # the reference images themselves, uint8
+    np.savez(stage["root"] / "real.npz", arr_0=real)
+    patched = stage["root"] / "patched"
+    patched.mkdir()
+    cost = json.loads(stage["cost"].read_text()) | {"patch": [4, 4]}
+    (patched / "cost.json").write_text(json.dumps(cost))
+    m = run_evaluate(stage | {"cost": patched / "cost.json"}, stage["root"] / "real.npz", patched / "eval")
+    assert m["seam_patch"] == [4, 4] and m["seam_ratio"] == pytest.approx(m["seam_ratio_real"])
+    assert 0.8 < m["seam_ratio"] < 1.3
+    plain = run_evaluate(stage, stage["root"] / "samples.npz", stage["root"] / "eval-plain")
+    assert "seam_ratio" not in plain  # a model without patches (cost.json without one)

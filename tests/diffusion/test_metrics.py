@@ -427,3 +427,28 @@ def test_online_route_checks_content_and_caches(
     with pytest.raises(weights.WeightsError, match="digest"):
         weights.download_fid_inception_online(tmp_path / "cache2")
     assert list((tmp_path / "cache2").iterdir()) == []
+
+
+def test_seam_ratio_by_hand_and_on_patchy_images():
+    from diffusion.metrics.seams import seam_ratio
+
+    # columns 0 1 | 5 6 on every row, rows constant: across |5 - 1| = 4 (columns) and 0 (rows), inside 1 and 0
+    x = np.tile(np.array([0, 1, 5, 6], np.uint8), (4, 1))
+    r = seam_ratio(x[None, :, :, None], (2, 2))
+    assert r["seam_across"] == pytest.approx((4 + 0) / 2) and r["seam_inside"] == pytest.approx((1 + 0) / 2)
+    assert r["seam_ratio"] == pytest.approx(4.0)
+    rng = np.random.default_rng(0)
+    smooth = rng.integers(0, 256, (64, 32, 32, 1)).astype(np.uint8)  # no patch structure: about 1
+    assert seam_ratio(smooth, (4, 4))["seam_ratio"] == pytest.approx(1.0, abs=0.03)
+    base = np.full((64, 32, 32, 1), 120.0) + rng.normal(0, 4, (64, 32, 32, 1))
+    offsets = np.kron(rng.normal(0, 20, (64, 8, 8)), np.ones((4, 4)))[..., None]  # each 4x4 patch its own level
+    blocky = np.clip(base + offsets, 0, 255).astype(np.uint8)
+    assert seam_ratio(blocky, (4, 4))["seam_ratio"] > 3.0
+    assert seam_ratio(blocky, (8, 8))["seam_ratio"] < seam_ratio(blocky, (4, 4))["seam_ratio"]  # a coarser grid
+    clips = np.repeat(blocky[:, None], 4, axis=1)  # (N, T, H, W, C): frames identical, so no temporal change
+    v = seam_ratio(clips, (2, 4, 4))
+    assert v["seam_ratio"] == pytest.approx(seam_ratio(blocky, (4, 4))["seam_ratio"]) and "seam_ratio_time" in v
+    with pytest.raises(ValueError, match="must be >= 2 and divide"):
+        seam_ratio(blocky, (3, 3))
+    with pytest.raises(ValueError, match="at least two patches"):
+        seam_ratio(blocky, (32, 32))
