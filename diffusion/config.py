@@ -235,6 +235,9 @@ class ReferenceSet:
 
     split: Literal["train", "test"]
     num_images: int = bounded(ge=2)  # the first N of the split in shard order (a seeded shuffle); runs take <= N
+    # The floor: this many held-out real images (clips) of the other split, scored against the reference exactly as a
+    # run's samples are (same N, the first of them), so each row shows how far it is from real data; 0: none
+    floor: int = bounded(ge=0, default=0)
 
 
 @dataclass(frozen=True)

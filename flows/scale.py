@@ -69,6 +69,8 @@ def smoke_overrides(params: Params) -> dict[str, Any]:
                     f"{key}.sample.batch_size": n, f"{key}.eval.num_reference": n}  # fmt: skip
             if dataset in references:
                 out[f"evaluation.references.{dataset}.num_images"] = n
+                if references[dataset].floor:
+                    out[f"evaluation.references.{dataset}.floor"] = n
         if name in report:
             out[f"evaluation.report.{name}.scale"] = SMOKE_LABEL
         out |= {f"datasets.{dataset}.{k}": v for k, v in SMOKE_DATASET.items()}

@@ -183,6 +183,26 @@ def seam_fields(images: np.ndarray, ref_path: Path, patch: list[int] | None) -> 
     return {"seam_patch": patch, **out}
 
 
+def floor_fields(ref_path: Path, ref_feats: np.ndarray, num_samples: int, run: RunConfig) -> dict[str, Any]:
+    """The floor: held-out real images (clips) scored exactly as the samples are, against the same reference, at the
+    samples' N (or all the floor holds, when fewer: floor_n says which). Nothing when refstats stored none."""
+    with np.load(ref_path) as z:
+        if "floor_features" not in z.files or not len(z["floor_features"]):
+            return {}
+        held_out, split = z["floor_features"].astype(np.float64), str(z["floor_split"])
+    real = held_out[:num_samples]
+    frechet = "fvd" if run.dataset.frames else "fid"
+    if run.dataset.frames:
+        result = fvdlib.fvd_from_features(real, ref_feats)
+        value, method = result.fvd, result.method
+    else:
+        result = sample_fid(real, ref_feats)
+        value, method = result.fid, result.method
+    kernel = kernel_distance_fields("kvd" if run.dataset.frames else "kid", real, ref_feats, run)
+    return {f"floor_{frechet}": value, f"floor_{frechet}_method": method, "floor_n": len(real), "floor_split": split,
+            **{f"floor_{k}": v for k, v in kernel.items()}}
+
+
 def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: Path, ref_path: Path, out_dir: Path,
                  net: torch.nn.Module | None = None) -> dict[str, Any]:
     """The evaluate stage: metrics.json with FID and KID (FVD, KVD and video IS for video), how they were computed
@@ -206,6 +226,7 @@ def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: 
                  **kernel_distance_fields("kid", feats, ref_feats, run), **inception_score_fields(images, run)}
     cost = model_cost(cost_path)
     score |= seam_fields(images, ref_path, cost.pop("patch"))
+    score |= floor_fields(ref_path, ref_feats, len(feats), run)
     metrics = {
         "run": run.name, "dataset": run.dataset_name, "resolution": run.dataset.resolution, **score,
         "num_samples": result.n1, "num_reference": result.n2, "reference_split": run.eval.reference_split,
@@ -238,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"({m[f'{k}_subsets']} subsets of {m[f'{k}_subset_size']}) from {m['num_samples']} samples vs "
           f"{m['num_reference']} {m['reference_split']} references; IS {m['inception_score']}"
           + (f"; seam ratio {m['seam_ratio']:.3f} (real images: {m['seam_ratio_real']})" if "seam_ratio" in m else "")
+          + (f"; floor (held-out real {m['floor_split']}, N = {m['floor_n']}): {metric} "
+             f"{m['floor_' + metric.lower()]:.3f}, {kernel} {m['floor_' + k]:.5f}" if "floor_n" in m else "")
           + " -> "
           f"{out / 'metrics.json'}")
     return 0

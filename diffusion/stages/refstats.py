@@ -19,20 +19,28 @@ from diffusion.metrics import fid as fidlib
 from diffusion.metrics.features import feature_network_for, feature_space, timed_features
 
 log = logging.getLogger(__name__)
+FLOOR_SPLIT = {"train": "test", "test": "train"}  # the held-out real images of the floor: the split not referenced
 REAL_IMAGES_KEPT = 2048  # reference images (clips) stored as uint8 beside their features: 2 MB of 32x32 images
 
 
 def write_refstats(dataset: str, cfg: DatasetConfig, ref: ReferenceSet, shard_root: str | Path, out: str | Path,
                    net: torch.nn.Module) -> Path:
     """Features of the first ref.num_images images (clips) of the split, in shard order, plus their Gaussian fit,
-    into the npz `out`; `net` is `feature_network_for(cfg)`."""
+    into the npz `out`, and the floor's: features of the first ref.floor images of the other split (held out, scored
+    by evaluate like samples); `net` is `feature_network_for(cfg)`."""
     images, _ = read_split(cfg, shard_root, ref.split, limit=ref.num_images, batch_size=1000)
     feats, rate = timed_features(images, net, desc=f"reference features {dataset}/{ref.split}")
     extractor, _, sha = feature_space(cfg)
     stats = fidlib.feature_stats(feats, extractor)
+    floor_split = FLOOR_SPLIT[ref.split]
+    floor = np.zeros((0, feats.shape[1]), np.float32)
+    if ref.floor:
+        held_out, _ = read_split(cfg, shard_root, floor_split, limit=ref.floor, batch_size=1000)
+        floor, _ = timed_features(held_out, net, desc=f"floor features {dataset}/{floor_split}")
     path = Path(out)
     write_npz(
-        path, features=feats.astype(np.float32),  # the network's own fp32 output
+        path, floor_features=floor.astype(np.float32), floor_split=np.str_(floor_split),
+        features=feats.astype(np.float32),  # the network's own fp32 output
         mu=stats.mu, sigma=stats.sigma, n=np.int64(stats.n), extractor=np.str_(stats.extractor),
         dataset=np.str_(dataset), split=np.str_(ref.split), resolution=np.int64(cfg.resolution),
         network_sha256=np.str_(sha), images_per_s=np.float64(rate),

@@ -258,11 +258,16 @@ def kernel_value(kernel: str, ev: dict[str, Any] | None) -> str:
 
 
 def headline_value(metric: str, ev: dict[str, Any] | None) -> str:
-    """The headline FID (FVD) with the sample count it was computed at, e.g. "87.65 at N = 1,024"."""
+    """The headline FID (FVD) with the sample count it was computed at, and the floor (held-out real images scored
+    the same way) when evaluate wrote one, e.g. "87.65 at N = 1,024 (real images: 26.01)"."""
     value = (ev or {}).get(METRIC_KEYS[metric])
     if not _number(value):
         return DASH
-    return f"{value:.2f} at N = {ev['num_samples']:,}"
+    floor = ev.get(f"floor_{METRIC_KEYS[metric]}")
+    same_n = ev.get("floor_n") == ev["num_samples"]
+    real = (f" (real {'images' if metric == 'FID' else 'clips'}: {floor:.2f}"
+            + ("" if same_n else f" at N = {ev.get('floor_n'):,}") + ")") if _number(floor) else ""
+    return f"{value:.2f} at N = {ev['num_samples']:,}{real}"
 
 
 def _our_costs(res: RunResult) -> dict[str, str]:
@@ -625,6 +630,12 @@ def card_text(row: TableRow, prov: Provenance, notes: Sequence[str] = ()) -> str
                                              f"{ev.get(f'{k}_subset_size')})"))
     elif ev is not None:
         metric_rows.insert(1, (kernel, DASH, f"{DASH} (not in eval/metrics.json: see the notes)"))
+    if ev is not None and _number(ev.get(f"floor_{kernel.lower()}")):
+        k = kernel.lower()
+        metric_rows.append((f"floor: {table.metrics[0]} / {kernel} of real data", DASH,
+                            f"{ev[f'floor_{METRIC_KEYS[table.metrics[0]]}']:.2f} / {ev[f'floor_{k}']:.4f} ± "
+                            f"{ev[f'floor_{k}_std']:.4f}: {ev['floor_n']:,} held-out {ev['floor_split']} "
+                            f"{'clips' if ev.get('frames') else 'images'} against the same reference"))
     if ev is not None and _number(ev.get("seam_ratio")):
         real = ev.get("seam_ratio_real")
         metric_rows.append(("seam ratio", DASH, f"{ev['seam_ratio']:.3f} across / inside the "

@@ -220,3 +220,43 @@ def test_seam_ratio_of_a_patch_model_beside_real_images(stage: dict[str, Path]) 
     assert 0.8 < m["seam_ratio"] < 1.3
     plain = run_evaluate(stage, stage["root"] / "samples.npz", stage["root"] / "eval-plain")
     assert "seam_ratio" not in plain  # a model without patches (cost.json without one)
+
+
+def test_the_floor_scores_held_out_real_images_exactly_as_samples(tmp_path: Path) -> None:
+    """references.<dataset>.floor: refstats keeps features of that many images of the other split, and evaluate
+    scores them against the same reference at the samples' N; with those very images as the samples, the floor
+    equals the samples' FID and KID to the last digit."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["runs"] = {"tiny": {"dataset": "fashion_mnist", "model": {"family": "rin", "preset": "rin_tiny"},
+                            "diffusion": {}, "train": {}, "sample": {"steps": 7, "num_samples": N},
+                            "eval": {"num_reference": N}}}
+    raw["evaluation"]["references"] = {"fashion_mnist": {"split": "train", "num_images": N, "floor": N}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    cfg = dataclasses.replace(load_params(tmp_path / "params.yaml").datasets["fashion_mnist"], max_samples=N,
+                              shard_size=16)
+    write_dataset_shards(cfg, "fashion_mnist", tmp_path / "shards", splits=("train", "test"))
+    ref = tmp_path / "refstats.npz"
+    assert cli.main(["--params", str(tmp_path / "params.yaml"), "refstats", "--dataset", "fashion_mnist",
+                     "--shards", str(tmp_path / "shards"), "--out", str(ref)]) == 0
+    with np.load(ref) as z:
+        assert z["floor_features"].shape == (N, fidlib.FEATURE_DIM) and str(z["floor_split"]) == "test"
+    held_out = read_split(cfg, tmp_path / "shards", "test", limit=N)[0]
+    np.savez(tmp_path / "samples.npz", arr_0=held_out)
+    (tmp_path / "cost.json").write_text(json.dumps({"model_params": 1, "gflops_per_image": 0.5}))
+    stage = {"params": tmp_path / "params.yaml", "cost": tmp_path / "cost.json", "refstats": ref}
+    m = run_evaluate(stage, tmp_path / "samples.npz", tmp_path / "eval")
+    assert (m["floor_n"], m["floor_split"]) == (N, "test")
+    assert m["floor_fid"] == m["fid"] and m["floor_kid"] == m["kid"] and m["floor_kid_std"] == m["kid_std"]
+    assert m["floor_fid_method"] == m["fid_method"]
+    np.savez(tmp_path / "fewer.npz", arr_0=held_out[: N // 2])
+    fewer = run_evaluate(stage | {"params": _with_samples(tmp_path, N // 2)}, tmp_path / "fewer.npz",
+                         tmp_path / "eval-fewer")
+    assert fewer["floor_n"] == N // 2 and fewer["floor_fid"] == fewer["fid"]  # the floor follows the samples' N
+
+
+def _with_samples(root: Path, n: int) -> Path:
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["runs"]["tiny"]["sample"]["num_samples"] = n
+    path = root / f"params-{n}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
