@@ -59,7 +59,7 @@ class StepCost:
 
     params: int
     forward_flops: int  # one denoiser call, one example
-    train_flops: int  # forward + backward of one example (no self-conditioning pass)
+    train_flops: int  # forward + backward of one example, with the previous latents of a self-conditioned model
     activation_bytes: int  # tensors autograd saves for the backward of one example, fp32 (a view counts as its base)
 
 
@@ -78,15 +78,17 @@ def step_cost(build: Callable[[], nn.Module], data_shape: tuple[int, ...], chann
         saved[id(base)] = base
         return t
 
+    model.eval()
+    with torch.no_grad():
+        forward_flops, _ = count_flops(lambda: model(x, gamma, labels, None))
+        _, state = model(x, gamma, labels, None)  # a self-conditioned model's latents: its training pass reads them
+
     def forward_backward() -> None:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out, _ = model(x, gamma, labels, None)
+            out, _ = model(x, gamma, labels, state)
         out.float().sum().backward()
 
     model.train()
     train_flops, _ = count_flops(forward_backward)
-    model.eval()
-    with torch.no_grad():
-        forward_flops, _ = count_flops(lambda: model(x, gamma, labels, None))
     activations = sum(t.numel() * t.element_size() for t in saved.values())
     return StepCost(count_params(model), forward_flops, train_flops, activations)

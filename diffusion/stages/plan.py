@@ -89,8 +89,8 @@ def plan(params: Params, run: RunConfig, gpus: int, tflops: float) -> Plan:
         "(fp32 count; bf16 autocast saves about half)",
         f"  time on {gpus} device(s) at an assumed {tflops:g} achieved TFLOP/s each (--tflops): training "
         f"{_num(train_h)} h ({_num(train_h / 24)} days), sampling {_num(sample_h)} h",
-        "  FLOPs: torch's FlopCounterMode, 2 per multiply-add, attention matmuls included; the warm-start MLP of "
-        "the self-conditioned pass and the optimiser are not counted",
+        "  FLOPs: torch's FlopCounterMode, 2 per multiply-add, attention matmuls included (a self-conditioned "
+        "model's training pass with its warm-start MLP on the first pass's latents); the optimiser is not counted",
     ]
     return Plan(run.params_key, gpus, tflops, params_total, train_flops / 1e15, sample_flops / 1e15, train_h,
                 sample_h, memory / gib, act_max / gib, tuple(lines))
