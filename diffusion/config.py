@@ -421,7 +421,7 @@ def parse_run(section: Section, name: str, run_raw: Any, defaults: Mapping[str, 
                           "on that package")
     merged = deep_merge(defaults, run_raw)
     dataset_name = merged.get("dataset")
-    if dataset_name not in datasets:
+    if not isinstance(dataset_name, str) or dataset_name not in datasets:
         raise ConfigError(f"params.yaml: {key}.dataset must name one of the datasets {sorted(datasets)}, "
                           f"got {dataset_name!r}")
     if dataset_name not in pipeline.datasets and dataset_name not in autoencoders:

@@ -113,3 +113,11 @@ def test_configs_are_frozen():
     run = load_params().run("rin_fmnist")
     with pytest.raises(AttributeError):
         run.train.lr = 1.0
+
+
+@pytest.mark.parametrize("value", [[], {}, 3, None])
+def test_a_dataset_that_is_not_a_name_is_a_config_error(value):
+    """Found by the malformed-params corpus: `dataset: []` raised TypeError (unhashable) instead of the message."""
+    raw = yaml.safe_load(open("params.yaml").read())
+    with pytest.raises(ConfigError, match=r"experts\.multi_unet_fmnist_e3\.dataset must name one of the datasets"):
+        parse_params(with_key(raw, "experts.multi_unet_fmnist_e3.dataset", value))
