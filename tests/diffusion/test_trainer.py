@@ -3,7 +3,6 @@ the weight-decay groups; LAMB (the authors' rule, and that it trains); EMA by ha
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,16 +18,13 @@ from diffusion.objectives import NoiseDraw, diffusion_loss
 from diffusion.optim import lr_factor
 from diffusion.schedules import Schedule
 from diffusion.trainer import Trainer, TrainingDiverged, TrainResult, train_step
-from tests.helpers import tiny_rin
+from tests.helpers import require_fashion_mnist, tiny_rin
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def real_batch(n: int) -> torch.Tensor:
-    if not FMNIST.exists():
-        pytest.skip("Fashion-MNIST idx files not installed (apt-get install dataset-fashion-mnist)")
-    images, _ = load_idx_split(FMNIST, "test")
+    images, _ = load_idx_split(require_fashion_mnist(), "test")
     x = torch.from_numpy(pad_to(images[:n], 32)).float()[:, None] / 127.5 - 1
     return x  # (n, 1, 32, 32) in [-1, 1]
 
