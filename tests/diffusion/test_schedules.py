@@ -74,3 +74,41 @@ def test_ldm_schedule_is_ldms_alpha_bar_at_every_step():
 def test_ldm_schedule_refuses_betas_out_of_range(start, end):
     with pytest.raises(ValueError, match="ldm schedule needs betas|end must be > schedule.start"):
         ScheduleConfig("ldm", start, end, 1.0)
+
+
+def test_ldm_defaults_are_the_ldm_configs_betas():
+    from diffusion.schedules import ldm
+
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert torch.equal(ldm(t), ldm(t, 0.0015, 0.0195))
+
+
+def test_times_outside_0_1_are_the_endpoints():
+    """A time below 0 is t = 0 (gamma 1), above 1 is t = 1: nothing extrapolates past the schedule's ends."""
+    from diffusion.schedules import ldm, linear
+
+    t = torch.tensor([-0.5, 0.0, 1.0, 1.5], dtype=torch.float64)
+    for gamma in (ldm(t), linear(t)):
+        assert gamma[0] == gamma[1] == 1.0 and gamma[3] == gamma[2] and 0 < gamma[2] < 1
+
+
+def test_ldm_is_clipped_at_gamma_min_and_keeps_a_float_dtype():
+    from diffusion.schedules import ldm
+
+    assert ldm(torch.tensor([1.0], dtype=torch.float64), 0.5, 0.5).item() == GAMMA_MIN  # 0.5^1000 underflows
+    assert ldm(torch.tensor([0.5])).dtype == torch.float32
+    ints = ldm(torch.tensor([0, 1]))  # integer times: gamma as float32, not truncated to 0 / 1
+    assert ints.dtype == torch.float32 and torch.equal(ints, ldm(torch.tensor([0.0, 1.0])))
+
+
+def test_ldm_on_float32_times_is_the_float64_schedule_rounded_once():
+    """The interpolation runs in float64 whatever the input: float32 times give float64's gamma, rounded to float32."""
+    from diffusion.schedules import ldm
+
+    t = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ldm(t), ldm(t.double()).float())
+
+
+def test_schedule_repr_names_its_settings():
+    sched = Schedule(ScheduleConfig("sigmoid", -3.0, 3.0, 0.9))
+    assert repr(sched) == "Schedule(sigmoid, start=-3.0, end=3.0, tau=0.9)"

@@ -84,7 +84,10 @@ def tfa_lamb_step(w, g, m, v, t, lr, wd, adapt, b1=0.9, b2=0.999, eps=1e-8):
     return w - lr * ratio * update, m, v
 
 
-def test_lamb_follows_the_authors_update_rule_and_exempts_biases_and_norms():
+# weight decay 0: the trust ratio still applies to kernels (pix2seq); 0.03: not timm's default 0.01, so the test sees
+# whether the configured value reaches the optimiser
+@pytest.mark.parametrize("weight_decay", [0.0, 0.03])
+def test_lamb_follows_the_authors_update_rule_and_exempts_biases_and_norms(weight_decay):
     from diffusion.optim import LAMB_EPS, make_optimizer
 
     torch.manual_seed(0)
@@ -92,7 +95,8 @@ def test_lamb_follows_the_authors_update_rule_and_exempts_biases_and_norms():
     torch.nn.init.zeros_(model[2].weight)  # a zero-initialised kernel (trust ratio 1 until it grows)
     torch.nn.init.zeros_(model[0].bias)  # a zero-initialised bias
     model = model.double()
-    cfg = dataclasses.replace(load_params().run("rin_fmnist").train, optimizer="lamb", lr=3e-3, weight_decay=0.01)
+    cfg = dataclasses.replace(load_params().run("rin_fmnist").train, optimizer="lamb", lr=3e-3,
+                              weight_decay=weight_decay)
     opt = make_optimizer(model, cfg)
     exempt = {"0.bias", "1.weight", "1.bias", "2.bias"}  # biases, LayerNorm gamma and beta
     oracle = {n: (p.detach().numpy().copy(), np.zeros(p.shape), np.zeros(p.shape)) for n, p in model.named_parameters()}
