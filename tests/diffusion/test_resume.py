@@ -300,3 +300,71 @@ def test_a_latent_datasets_autoencoder_loads_with_its_scale_or_is_refused_naming
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     with torch.no_grad():
         assert torch.equal(stage.encode(x), trained.encode(x)[0] * 0.25)
+
+
+def test_a_runs_autoencoder_comes_from_its_latent_datasets_folder_on_the_device_asked(tmp_path):
+    from types import SimpleNamespace
+
+    from diffusion import registry
+    from diffusion.config import AutoencoderConfig
+
+    cfg = AutoencoderConfig(dataset="fashion_mnist", base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                            z_channels=3, norm_groups=4, loss="l1", kl_weight=1e-6, steps=1, batch_size=16, lr=2e-3,
+                            seed=0, log_every=50, weights=None)  # fmt: skip
+    torch.manual_seed(0)
+    trained = registry.build_autoencoder(cfg, 1)
+    checkpoint.save_weights(trained.state_dict(), tmp_path / checkpoint.AUTOENCODER_FILE, {"latent_scale": "2.0"})
+    run = SimpleNamespace(autoencoder=cfg, dataset=SimpleNamespace(channels=1))
+    stage = checkpoint.first_stage(run, str(tmp_path), "meta")
+    assert stage.path == tmp_path / checkpoint.AUTOENCODER_FILE and stage.scale == 2.0
+    assert {p.device.type for p in stage.model.parameters()} == {"meta"}
+    assert checkpoint.first_stage(SimpleNamespace(autoencoder=None), tmp_path, "cpu") is None
+
+
+def test_trained_weights_load_on_the_cpu_by_default_and_bad_files_are_named(tmp_path):
+    from diffusion import registry
+    from diffusion.config import ConfigError
+    from tests.diffusion.test_trainer import tiny_run
+
+    run = tiny_run()
+    weights = tmp_path / "model.safetensors"
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^{weights}: no trained weights; train that run first "
+                       r"\(dvc repro, or `python -m diffusion.cli train RUN`\)$"):  # fmt: skip
+        checkpoint.load_trained(run, [weights])
+    torch.manual_seed(0)
+    net = registry.build_model(run)
+    checkpoint.save_weights(net.state_dict(), weights, {})
+    loaded = checkpoint.load_trained(run, [weights])
+    assert not loaded.training and {p.device.type for p in loaded.parameters()} == {"cpu"}
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+    assert {p.device.type for p in checkpoint.load_trained(run, [weights], "meta").parameters()} == {"meta"}
+    other = tmp_path / "other.safetensors"
+    checkpoint.save_weights({"w": torch.ones(1)}, other, {})
+    with pytest.raises(ConfigError, match=rf"^{other}: weights of another architecture"):
+        checkpoint.load_trained(run, [other])
+    other.write_bytes(b"\x80\x04K\x01.")  # a pickle
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^{other}: not a readable safetensors weights file "
+                       r"\(SafetensorError: .+\); restore it \(`dvc pull`, `dvc checkout`\) or re-run the stage "
+                       "that wrote it$"):  # fmt: skip
+        checkpoint.read_weights(other)
+    with pytest.raises(checkpoint.CheckpointError, match=r"^runs\.rin_fmnist: needs 1 train folder\(s\), one for "
+                       r"each of \['rin_fmnist'\] in this order; got 2$"):  # fmt: skip
+        checkpoint.weight_files(run, [tmp_path, tmp_path])
+
+
+def test_safetensors_headers_follow_the_format_for_any_metadata_length(tmp_path):
+    """The header is JSON that starts with '{' and is padded with trailing spaces only (the safetensors format), its
+    metadata sorted, for metadata of every length mod 8 (one of them needs no padding)."""
+    import struct
+
+    from safetensors.torch import load
+
+    for n in range(9):
+        metadata = {"z": "1", "a": "x" * n}
+        data = checkpoint.safetensors_bytes({"w": torch.arange(3.0)}, metadata)
+        (size,) = struct.unpack("<Q", data[:8])
+        header = data[8 : 8 + size]
+        assert header.startswith(b'{"') and header.rstrip(b" ").endswith(b"}")
+        assert json.loads(header)["__metadata__"] == metadata and list(json.loads(header)["__metadata__"]) == ["a", "z"]
+        assert torch.equal(load(data)["w"], torch.arange(3.0))
+    assert b"__metadata__" not in checkpoint.safetensors_bytes({"w": torch.ones(1)}, None)

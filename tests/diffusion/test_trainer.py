@@ -426,3 +426,23 @@ def test_the_decay_covers_a_fraction_of_the_cosine_as_pix2seq_cosine_at(fraction
                               lr_decay="cosine", lr_decay_fraction=fraction)
     assert lr_factor(99, cfg) == pytest.approx(1.0) and lr_factor(100, cfg) == pytest.approx(1.0)
     assert lr_factor(1000, cfg) == pytest.approx(end, abs=1e-4)  # 0.5 (1 + cos(pi f)): 9.5% and 20.6% of the peak
+
+
+def test_the_optimisers_take_the_configured_betas_and_skip_only_frozen_tensors():
+    from diffusion.optim import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)  # frozen, and first: the tensors after it still train
+    for optimizer in ("adamw", "lamb"):
+        cfg = dataclasses.replace(tiny_run().train, optimizer=optimizer, beta1=0.8, beta2=0.95)
+        opt = make_optimizer(model, cfg)
+        assert {g["betas"] for g in opt.param_groups} == {(0.8, 0.95)}
+        trained = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert trained == {id(p) for p in model.parameters()} - {id(model[0].weight)}
+
+
+def test_the_lr_stays_at_the_end_of_its_decay_past_the_last_step_and_a_one_step_decay_ends_there():
+    cfg = dataclasses.replace(tiny_run().train, steps=10, warmup_steps=2, lr_decay="cosine", lr_decay_fraction=1.0)
+    assert lr_factor(10, cfg) == pytest.approx(0.0, abs=1e-12) and lr_factor(15, cfg) == lr_factor(10, cfg)
+    one = dataclasses.replace(cfg, steps=3)  # one step of decay after the warmup
+    assert lr_factor(2, one) == 1.0 and lr_factor(3, one) == pytest.approx(0.0, abs=1e-12)
