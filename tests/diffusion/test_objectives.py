@@ -65,3 +65,26 @@ def test_loss_zero_for_perfect_prediction(kind):
     assert loss.max().item() < 1e-12
     wrong = diffusion_loss(Oracle(-x0, kind), x0, None, sched, kind, 0.0, noise)
     assert wrong.mean().item() > 1e-3
+
+
+def test_a_noise_draw_is_t_then_eps_then_u_from_its_generator_alone_and_draw_t_replaces_t():
+    """One training step's draws come from the step's generator in a fixed order (t, eps, u), whatever the global
+    RNG holds, so a resumed or re-sharded run draws the same noise; `draw_t` (a MEME expert's interval draw) gets the
+    generator and the batch size, and its t is the one used."""
+    shape = (3, 2, 4, 4)  # batch != channels: a length taken from the wrong axis shows
+    g = torch.Generator().manual_seed(5)
+    want_t, want_eps, want_u = torch.rand(3, generator=g), torch.randn(shape, generator=g), torch.rand(3, generator=g)
+    torch.manual_seed(123)
+    noise = NoiseDraw.draw(torch.Generator().manual_seed(5), shape)
+    assert torch.equal(noise.t, want_t) and torch.equal(noise.eps, want_eps) and torch.equal(noise.u, want_u)
+
+    calls = []
+
+    def draw_t(generator, n):
+        calls.append((generator, n))
+        return torch.rand(n, generator=generator) * 0 + 0.25
+
+    gen = torch.Generator().manual_seed(5)
+    noise = NoiseDraw.draw(gen, shape, draw_t)
+    assert calls == [(gen, 3)] and torch.equal(noise.t, torch.full((3,), 0.25))
+    assert torch.equal(noise.eps, want_eps) and torch.equal(noise.u, want_u)

@@ -148,13 +148,14 @@ def test_optimizer_state_round_trips_through_the_flat_format():
     """Tensors (state and param-group ones, as timm's LAMB keeps its step count) go to safetensors, the rest to JSON;
     names may hold dots. unflatten(flatten(s)) is s after the JSON part has been through a file."""
     a, b, c = torch.arange(3.0), torch.tensor(2.0), torch.ones(2, 2)
-    state = {"state": {0: {"exp_avg": a, "n_iter": 3}, 1: {"sum.sq": c, "count.seen": 5}},
+    state = {"state": {0: {"exp_avg": a, "n_iter": 3}, 1: {"sum.sq": c, "count.seen": 5}, 2: {"only": 1.5}},
              "param_groups": [{"lr": 0.1, "params": [0], "step": b}, {"lr": 0.2, "params": [1]}]}  # fmt: skip
     tensors, rest = checkpoint.flatten_optimizer(state)
     assert sorted(tensors) == ["group.0.step", "state.0.exp_avg", "state.1.sum.sq"]
-    assert rest["scalars"] == {"0.n_iter": 3, "1.count.seen": 5}
+    assert rest["scalars"] == {"0.n_iter": 3, "1.count.seen": 5, "2.only": 1.5}  # 2: scalars only
     back = checkpoint.unflatten_optimizer(tensors, json.loads(json.dumps(rest)))
-    assert sorted(back["state"]) == [0, 1] and set(back["state"][0]) == {"exp_avg", "n_iter"}
+    assert sorted(back["state"]) == [0, 1, 2] and set(back["state"][0]) == {"exp_avg", "n_iter"}
+    assert back["state"][2] == {"only": 1.5}
     assert torch.equal(back["state"][0]["exp_avg"], a) and back["state"][0]["n_iter"] == 3
     assert torch.equal(back["state"][1]["sum.sq"], c) and back["state"][1]["count.seen"] == 5
     assert torch.equal(back["param_groups"][0]["step"], b) and back["param_groups"][1] == {"lr": 0.2, "params": [1]}
