@@ -88,3 +88,26 @@ def test_a_noise_draw_is_t_then_eps_then_u_from_its_generator_alone_and_draw_t_r
     noise = NoiseDraw.draw(gen, shape, draw_t)
     assert calls == [(gen, 3)] and torch.equal(noise.t, torch.full((3,), 0.25))
     assert torch.equal(noise.eps, want_eps) and torch.equal(noise.u, want_u)
+
+
+def test_self_conditionings_first_pass_sees_the_labels_and_keeps_only_the_chosen_rows():
+    from diffusion.objectives import self_conditioning_state
+
+    seen = []
+
+    def denoiser(x_t, gamma, labels=None, state=None):
+        seen.append((labels, state))
+        return x_t, torch.ones(x_t.shape[0], 3)
+
+    x_t, gamma, labels = torch.zeros(2, 1, 4, 4), torch.full((2,), 0.5), torch.tensor([3, 7])
+    state = self_conditioning_state(denoiser, x_t, gamma, labels, torch.tensor([True, False]))
+    assert seen[0][0] is labels and seen[0][1] is None  # class-conditional: the first pass is for the same labels
+    assert torch.equal(state, torch.tensor([[1.0, 1, 1], [0, 0, 0]]))
+    assert self_conditioning_state(denoiser, x_t, gamma, labels, None) is None and len(seen) == 1
+    with pytest.raises(AssertionError, match="^self_cond_rate > 0 needs a denoiser that returns a state$"):
+        self_conditioning_state(lambda *a: (a[0], None), x_t, gamma, labels, torch.tensor([True, True]))
+
+
+def test_a_noise_draw_moves_every_part_to_the_device_asked():
+    noise = NoiseDraw.draw(torch.Generator().manual_seed(0), (2, 1, 4, 4)).to(torch.device("meta"))
+    assert {noise.t.device.type, noise.eps.device.type, noise.u.device.type} == {"meta"}
