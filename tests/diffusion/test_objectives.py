@@ -111,3 +111,34 @@ def test_self_conditionings_first_pass_sees_the_labels_and_keeps_only_the_chosen
 def test_a_noise_draw_moves_every_part_to_the_device_asked():
     noise = NoiseDraw.draw(torch.Generator().manual_seed(0), (2, 1, 4, 4)).to(torch.device("meta"))
     assert {noise.t.device.type, noise.eps.device.type, noise.u.device.type} == {"meta"}
+
+
+def test_the_loss_passes_the_labels_to_both_passes_and_scores_only_the_predicted_frames():
+    """Class-conditional training sees its labels in the self-conditioning pass and the loss pass; with context
+    frames, x_t starts with the clean context (one frame is enough) and the loss covers the other frames only."""
+    seen = []
+
+    def denoiser(x_t, gamma, labels=None, state=None):
+        seen.append((x_t.clone(), labels))
+        out = torch.zeros_like(x_t)
+        out[:, :, :1] = 100.0  # a wrong prediction on the first frame only: counted iff that frame is scored
+        return out, torch.ones(x_t.shape[0], 2)
+
+    x0 = torch.rand(2, 1, 3, 4, 4) * 2 - 1  # (B, C, T, H, W)
+    labels = torch.tensor([1, 2])
+    noise = NoiseDraw(torch.full((2,), 0.5), torch.randn(2, 1, 3, 4, 4), torch.zeros(2))
+    sched = Schedule(ScheduleConfig("cosine", 0.0, 1.0, 1.0))
+    loss = diffusion_loss(denoiser, x0, labels, sched, "x0", 0.5, noise, context_frames=1)
+    assert len(seen) == 2 and all(seen_labels is labels for _, seen_labels in seen)
+    assert torch.equal(seen[1][0][:, :, :1], x0[:, :, :1]) and not torch.equal(seen[1][0][:, :, 1:], x0[:, :, 1:])
+    torch.testing.assert_close(loss, x0[:, :, 1:].square().flatten(1).mean(1))  # frames 1..2, the output 0 there
+    seen.clear()
+    whole = diffusion_loss(denoiser, x0, labels, sched, "x0", 0.0, noise)
+    assert len(seen) == 1 and not torch.equal(seen[0][0][:, :, :1], x0[:, :, :1]) and (whole > 1000).all()
+
+
+def test_x0_is_clipped_only_when_asked():
+    x_t, gamma = torch.zeros(1, 1, 2, 2), torch.full((1,), 0.5)
+    x0, _ = to_x0_eps("x0", torch.full((1, 1, 2, 2), 3.0), x_t, gamma)
+    assert (x0 == 3.0).all()
+    assert (to_x0_eps("x0", torch.full((1, 1, 2, 2), 3.0), x_t, gamma, clip_x0=True)[0] == 1.0).all()

@@ -112,3 +112,25 @@ def test_ldm_on_float32_times_is_the_float64_schedule_rounded_once():
 def test_schedule_repr_names_its_settings():
     sched = Schedule(ScheduleConfig("sigmoid", -3.0, 3.0, 0.9))
     assert repr(sched) == "Schedule(sigmoid, start=-3.0, end=3.0, tau=0.9)"
+
+
+def test_cosine_and_sigmoid_defaults_and_off_default_settings_follow_their_closed_forms():
+    """cosine: gamma = (v(end) - v(s)) / (v(end) - v(start)), v = cos(pi s / 2)^(2 tau), s = start + t (end - start),
+    here with start > 0, end < 1 and tau != 1 (where v(1) ~ 0 and tau = 1 hide a wrong power); the functions'
+    defaults are the paper's (cosine 0, 1, 1; sigmoid -3, 3, 0.9)."""
+    from diffusion.schedules import cosine, sigmoid
+
+    t = torch.linspace(0, 1, 9, dtype=torch.float64)
+    assert torch.equal(cosine(t), cosine(t, 0.0, 1.0, 1.0)) and torch.equal(sigmoid(t), sigmoid(t, -3.0, 3.0, 0.9))
+    for start, end, tau in [(0.2, 0.8, 0.7), (0.0, 0.9, 2.0)]:
+        def v(s, tau=tau):
+            return math.cos(math.pi * s / 2) ** (2 * tau)
+
+        want = [(v(end) - v(start + x * (end - start))) / (v(end) - v(start)) for x in t.tolist()]
+        got = Schedule(ScheduleConfig("cosine", start, end, tau))(t)
+        assert got.tolist() == pytest.approx([min(max(w, GAMMA_MIN), 1.0) for w in want], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("cfg", [ScheduleConfig("cosine", 0.2, 1.0, 1.0), ScheduleConfig("sigmoid", -3.0, 3.0, 0.9)])
+def test_times_before_0_are_gamma_1(cfg):
+    assert Schedule(cfg)(torch.tensor([-0.2, 0.0], dtype=torch.float64)).tolist() == [1.0, 1.0]
