@@ -142,3 +142,14 @@ def test_x0_is_clipped_only_when_asked():
     x0, _ = to_x0_eps("x0", torch.full((1, 1, 2, 2), 3.0), x_t, gamma)
     assert (x0 == 3.0).all()
     assert (to_x0_eps("x0", torch.full((1, 1, 2, 2), 3.0), x_t, gamma, clip_x0=True)[0] == 1.0).all()
+
+
+def test_broadcast_rates_and_context_frames_take_the_dtype_of_what_they_join():
+    """Under bf16 autocast gamma (float32) multiplies bf16 images: it is cast to theirs, as the clean context frames
+    are cast to x_t's, so nothing is silently promoted to a wider dtype."""
+    from diffusion.objectives import _bcast, with_context
+
+    like = torch.zeros(2, 1, 4, 4, dtype=torch.bfloat16)
+    assert _bcast(torch.tensor([0.3, 0.7]), like).dtype == torch.bfloat16
+    x_t = torch.zeros(2, 1, 3, 4, 4)
+    assert with_context(x_t, torch.ones(2, 1, 1, 4, 4, dtype=torch.float64)).dtype == torch.float32

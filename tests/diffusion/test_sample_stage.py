@@ -309,7 +309,7 @@ def test_the_sample_command_documents_its_arguments_and_requires_the_weights(pro
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert text.startswith("usage: python -m diffusion.cli sample [-h] [--params PARAMS] --weights DIR [DIR ...]")
-    assert stage.__doc__.split()[0] in text and "a run name from params.yaml (runs or ensembles)" in text
+    assert stage.__doc__.split()[0] in text and " run a run name from params.yaml (runs or ensembles) options:" in text
     assert "the run's train folder (outputs/<run>/train); an ensemble: each expert's, in interval order" in text
     with pytest.raises(SystemExit) as exit_:
         stage.main(["tiny", "--out", str(tmp_path)])

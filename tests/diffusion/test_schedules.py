@@ -134,3 +134,10 @@ def test_cosine_and_sigmoid_defaults_and_off_default_settings_follow_their_close
 @pytest.mark.parametrize("cfg", [ScheduleConfig("cosine", 0.2, 1.0, 1.0), ScheduleConfig("sigmoid", -3.0, 3.0, 0.9)])
 def test_times_before_0_are_gamma_1(cfg):
     assert Schedule(cfg)(torch.tensor([-0.2, 0.0], dtype=torch.float64)).tolist() == [1.0, 1.0]
+
+
+def test_an_ldm_schedule_uses_both_of_its_betas():
+    from diffusion.schedules import ldm
+
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    assert torch.equal(Schedule(ScheduleConfig("ldm", 0.001, 0.02, 1.0))(t), ldm(t, 0.001, 0.02))
