@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup data-deps run test test-slow lint
+.PHONY: setup data-deps run test test-slow lint mutation
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,15 @@ test: setup data-deps
 
 test-slow: setup data-deps
 	$(PY) -m pytest -m slow
+
+# Mutation testing of the core maths and the resume / chunk logic (pyproject.toml [tool.mutmut]; not part of `make
+# test`): one core, resumable (mutants/ keeps the results; `rm -rf mutants` starts over); the score goes to
+# benchmarks/results/mutation.json, the surviving mutants' dispositions are benchmarks/results/mutation.md.
+MUTATION_JOBS ?= 1
+mutation: setup data-deps
+	$(PY) -m pip install --quiet -e '.[mutation]'
+	env -u PYTHONPATH OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS)
+	$(PY) benchmarks/mutation_score.py --out benchmarks/results/mutation.json --label "make mutation"
 
 lint: setup
 	$(VENV)/bin/ruff check data diffusion rin meme flows tests benchmarks

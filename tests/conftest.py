@@ -7,7 +7,27 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import require_fashion_mnist, require_fid_inception, require_i3d
+
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    """Debian's Fashion-MNIST idx folder; a test that asks for it fails (not skips) when it is not installed."""
+    return require_fashion_mnist()
+
+
+@pytest.fixture(scope="session")
+def fid_inception():
+    """The FID Inception weights (fetched into the cache on a miss); missing, the test fails."""
+    return require_fid_inception()
+
+
+@pytest.fixture(scope="session")
+def i3d_weights():
+    """The I3D weights (fetched into the cache on a miss); missing, the test fails."""
+    return require_i3d()
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,48 @@ import copy
 import dataclasses
 import socket
 import threading
+from pathlib import Path
+
+import pytest
 
 from diffusion.config import SampleConfig, ScheduleConfig
 from rin.model import RIN, RINConfig
 from rin.presets import PRESETS
+
+# The real data and weights some tests need. A test that needs one fails when it is missing (and says how to get
+# it): a skip decided at collection time turns "not installed here" into a green run that checked nothing.
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # params.yaml datasets.fashion_mnist.root
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                       "t10k-labels-idx1-ubyte")  # fmt: skip
+
+
+def require_fashion_mnist(root: Path = FASHION_MNIST) -> Path:
+    """`root` if it holds the four Fashion-MNIST idx files (.gz or not); else the calling test fails, naming them."""
+    missing = [name for name in FASHION_MNIST_FILES if not any((root / (name + ext)).exists() for ext in ("", ".gz"))]
+    if missing:
+        pytest.fail(f"{root}: no {', '.join(missing)}. This test needs Debian's dataset-fashion-mnist: `make "
+                    "data-deps` (apt-get install dataset-fashion-mnist)", pytrace=False)  # fmt: skip
+    return root
+
+
+def require_fid_inception() -> Path:
+    """The hash-pinned FID Inception in the weights cache, fetched on a miss; else the calling test fails."""
+    from diffusion.metrics.weights import WeightsError, fetch_fid_inception
+
+    try:
+        return fetch_fid_inception()
+    except WeightsError as err:
+        pytest.fail(f"FID Inception weights unavailable: {err}", pytrace=False)
+
+
+def require_i3d() -> Path:
+    """The hash-pinned Kinetics-400 I3D in the weights cache, fetched on a miss; else the calling test fails."""
+    from diffusion.metrics.weights import WeightsError, resolve_i3d_weights
+
+    try:
+        return resolve_i3d_weights()
+    except WeightsError as err:
+        pytest.fail(f"I3D weights unavailable: {err}", pytrace=False)
 
 
 def sample_config(**kw) -> SampleConfig:

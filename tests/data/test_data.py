@@ -40,8 +40,6 @@ from tests.rawdata import (
     write_video,
 )
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-
 
 def load_all(loader) -> tuple[np.ndarray, np.ndarray]:
     """Every batch of an evaluation loader -> (uint8 (N, C, ...) images, (N,) labels)."""
@@ -484,8 +482,7 @@ def test_shards_load_from_s3(idx_shards, s3_bucket):
         make_loader(f"{s3_bucket}/elsewhere", "test", 4, train=False)
 
 
-@pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed")
-def test_real_fashion_mnist_subset(tmp_path):
+def test_real_fashion_mnist_subset(tmp_path, fashion_mnist):
     cfg = load_params().datasets["fashion_mnist"]
     manifests = write_dataset_shards(replace_config(cfg, max_samples=300, shard_size=128), "fm", tmp_path)
     assert manifests["train"]["num_samples"] == 300 and manifests["train"]["num_shards"] == 3
@@ -497,8 +494,7 @@ def test_real_fashion_mnist_subset(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FASHION.exists(), reason="Debian's dataset-fashion-mnist is not installed")
-def test_full_fashion_mnist_shards(tmp_path):
+def test_full_fashion_mnist_shards(tmp_path, fashion_mnist):
     manifests = write_dataset_shards(load_params().datasets["fashion_mnist"], "fashion_mnist", tmp_path)
     assert manifests["train"]["num_samples"] == 60000 and manifests["test"]["num_samples"] == 10000
     assert manifests["train"]["class_histogram"] == [6000] * 10

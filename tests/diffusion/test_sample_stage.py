@@ -281,3 +281,47 @@ def test_the_class_conditional_stage_writes_the_labels_of_its_chunks(tmp_path):
     assert conditional["arr_1"].min() >= 0 and conditional["arr_1"].max() < 10
     chunk_labels = [np.load(p)["labels"] for p in sorted((tmp_path / "s" / "chunks").glob("chunk-*.npz"))]
     assert np.array_equal(np.concatenate(chunk_labels), conditional["arr_1"])
+
+
+def test_the_context_clips_are_the_first_frames_of_the_test_splits_clips(tmp_path, fashion_mnist):
+    import dataclasses
+
+    from data.batches import read_split
+    from data.prepare import write_dataset_shards
+    from diffusion.stages.sample import context_clips
+
+    run = video_run()  # 2 context frames of 8
+    run = dataclasses.replace(run, dataset=dataclasses.replace(run.dataset, max_samples=3, shard_size=4, resolution=32))
+    write_dataset_shards(run.dataset, "moving_fmnist", tmp_path)
+    test, _ = read_split(run.dataset, tmp_path, "test")
+    train, _ = read_split(run.dataset, tmp_path, "train")
+    given = context_clips(run, tmp_path)
+    assert given.shape == (3, 2, 32, 32, 1) and given.flags.c_contiguous and np.array_equal(given, test[:, :2])
+    assert not np.array_equal(given, train[:, :2])
+    assert context_clips(parse_params(tiny_raw()).run("tiny"), tmp_path) is None  # no context frames
+
+
+def test_the_sample_command_documents_its_arguments_and_requires_the_weights(project, tmp_path, capsys):
+    from diffusion.stages import sample as stage
+
+    with pytest.raises(SystemExit) as exit_:
+        stage.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: python -m diffusion.cli sample [-h] [--params PARAMS] --weights DIR [DIR ...]")
+    assert stage.__doc__.split()[0] in text and " run a run name from params.yaml (runs or ensembles) options:" in text
+    assert "the run's train folder (outputs/<run>/train); an ensemble: each expert's, in interval order" in text
+    with pytest.raises(SystemExit) as exit_:
+        stage.main(["tiny", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "the following arguments are required: --weights" in capsys.readouterr().err
+
+
+def test_cost_json_names_the_sampled_networks_size_and_steps(project, tmp_path):
+    import json
+
+    draw(project, tmp_path / "s")
+    cost = json.loads((tmp_path / "s" / "cost.json").read_text())
+    run = parse_params(tiny_raw()).run("tiny")
+    params = sum(p.numel() for p in build_model(run).parameters())
+    assert set(cost) == {"model_params", "gflops_per_image", "sampling_steps"}
+    assert cost["model_params"] == params and cost["gflops_per_image"] > 0 and cost["sampling_steps"] == 2

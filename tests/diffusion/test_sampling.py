@@ -202,3 +202,10 @@ def test_ddim_with_eta_1_is_ddpm_with_the_posterior_variance():
     large = sample(net, SHAPE, SEEDS, sample_config(sampler="ddpm", variance="large", steps=6), "eps")
     torch.testing.assert_close(ddim, ddpm, rtol=0, atol=2e-3)  # the first step's float32 rounding (see above)
     assert (large - ddpm).abs().max() > 5e-2  # beta_t differs from beta~_t: the variance matters here
+
+
+def test_per_image_noise_lands_on_the_device_asked():
+    from diffusion.sampling import per_image_noise
+
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    assert per_image_noise(gens, (1, 2, 2), torch.device("meta")).device.type == "meta"

@@ -74,3 +74,70 @@ def test_ldm_schedule_is_ldms_alpha_bar_at_every_step():
 def test_ldm_schedule_refuses_betas_out_of_range(start, end):
     with pytest.raises(ValueError, match="ldm schedule needs betas|end must be > schedule.start"):
         ScheduleConfig("ldm", start, end, 1.0)
+
+
+def test_ldm_defaults_are_the_ldm_configs_betas():
+    from diffusion.schedules import ldm
+
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    assert torch.equal(ldm(t), ldm(t, 0.0015, 0.0195))
+
+
+def test_times_outside_0_1_are_the_endpoints():
+    """A time below 0 is t = 0 (gamma 1), above 1 is t = 1: nothing extrapolates past the schedule's ends."""
+    from diffusion.schedules import ldm, linear
+
+    t = torch.tensor([-0.5, 0.0, 1.0, 1.5], dtype=torch.float64)
+    for gamma in (ldm(t), linear(t)):
+        assert gamma[0] == gamma[1] == 1.0 and gamma[3] == gamma[2] and 0 < gamma[2] < 1
+
+
+def test_ldm_is_clipped_at_gamma_min_and_keeps_a_float_dtype():
+    from diffusion.schedules import ldm
+
+    assert ldm(torch.tensor([1.0], dtype=torch.float64), 0.5, 0.5).item() == GAMMA_MIN  # 0.5^1000 underflows
+    assert ldm(torch.tensor([0.5])).dtype == torch.float32
+    ints = ldm(torch.tensor([0, 1]))  # integer times: gamma as float32, not truncated to 0 / 1
+    assert ints.dtype == torch.float32 and torch.equal(ints, ldm(torch.tensor([0.0, 1.0])))
+
+
+def test_ldm_on_float32_times_is_the_float64_schedule_rounded_once():
+    """The interpolation runs in float64 whatever the input: float32 times give float64's gamma, rounded to float32."""
+    from diffusion.schedules import ldm
+
+    t = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ldm(t), ldm(t.double()).float())
+
+
+def test_schedule_repr_names_its_settings():
+    sched = Schedule(ScheduleConfig("sigmoid", -3.0, 3.0, 0.9))
+    assert repr(sched) == "Schedule(sigmoid, start=-3.0, end=3.0, tau=0.9)"
+
+
+def test_cosine_and_sigmoid_defaults_and_off_default_settings_follow_their_closed_forms():
+    """cosine: gamma = (v(end) - v(s)) / (v(end) - v(start)), v = cos(pi s / 2)^(2 tau), s = start + t (end - start),
+    here with start > 0, end < 1 and tau != 1 (where v(1) ~ 0 and tau = 1 hide a wrong power); the functions'
+    defaults are the paper's (cosine 0, 1, 1; sigmoid -3, 3, 0.9)."""
+    from diffusion.schedules import cosine, sigmoid
+
+    t = torch.linspace(0, 1, 9, dtype=torch.float64)
+    assert torch.equal(cosine(t), cosine(t, 0.0, 1.0, 1.0)) and torch.equal(sigmoid(t), sigmoid(t, -3.0, 3.0, 0.9))
+    for start, end, tau in [(0.2, 0.8, 0.7), (0.0, 0.9, 2.0)]:
+        def v(s, tau=tau):
+            return math.cos(math.pi * s / 2) ** (2 * tau)
+
+        want = [(v(end) - v(start + x * (end - start))) / (v(end) - v(start)) for x in t.tolist()]
+        got = Schedule(ScheduleConfig("cosine", start, end, tau))(t)
+        assert got.tolist() == pytest.approx([min(max(w, GAMMA_MIN), 1.0) for w in want], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("cfg", [ScheduleConfig("cosine", 0.2, 1.0, 1.0), ScheduleConfig("sigmoid", -3.0, 3.0, 0.9)])
+def test_times_before_0_are_gamma_1(cfg):
+    assert Schedule(cfg)(torch.tensor([-0.2, 0.0], dtype=torch.float64)).tolist() == [1.0, 1.0]
+
+
+def test_an_ldm_schedule_uses_both_of_its_betas():
+    from diffusion.schedules import ldm
+
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    assert torch.equal(Schedule(ScheduleConfig("ldm", 0.001, 0.02, 1.0))(t), ldm(t, 0.001, 0.02))

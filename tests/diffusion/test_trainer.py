@@ -3,7 +3,6 @@ the weight-decay groups; LAMB (the authors' rule, and that it trains); EMA by ha
 
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,16 +18,13 @@ from diffusion.objectives import NoiseDraw, diffusion_loss
 from diffusion.optim import lr_factor
 from diffusion.schedules import Schedule
 from diffusion.trainer import Trainer, TrainingDiverged, TrainResult, train_step
-from tests.helpers import tiny_rin
+from tests.helpers import require_fashion_mnist, tiny_rin
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def real_batch(n: int) -> torch.Tensor:
-    if not FMNIST.exists():
-        pytest.skip("Fashion-MNIST idx files not installed (apt-get install dataset-fashion-mnist)")
-    images, _ = load_idx_split(FMNIST, "test")
+    images, _ = load_idx_split(require_fashion_mnist(), "test")
     x = torch.from_numpy(pad_to(images[:n], 32)).float()[:, None] / 127.5 - 1
     return x  # (n, 1, 32, 32) in [-1, 1]
 
@@ -88,7 +84,10 @@ def tfa_lamb_step(w, g, m, v, t, lr, wd, adapt, b1=0.9, b2=0.999, eps=1e-8):
     return w - lr * ratio * update, m, v
 
 
-def test_lamb_follows_the_authors_update_rule_and_exempts_biases_and_norms():
+# weight decay 0: the trust ratio still applies to kernels (pix2seq); 0.03: not timm's default 0.01, so the test sees
+# whether the configured value reaches the optimiser
+@pytest.mark.parametrize("weight_decay", [0.0, 0.03])
+def test_lamb_follows_the_authors_update_rule_and_exempts_biases_and_norms(weight_decay):
     from diffusion.optim import LAMB_EPS, make_optimizer
 
     torch.manual_seed(0)
@@ -96,7 +95,8 @@ def test_lamb_follows_the_authors_update_rule_and_exempts_biases_and_norms():
     torch.nn.init.zeros_(model[2].weight)  # a zero-initialised kernel (trust ratio 1 until it grows)
     torch.nn.init.zeros_(model[0].bias)  # a zero-initialised bias
     model = model.double()
-    cfg = dataclasses.replace(load_params().run("rin_fmnist").train, optimizer="lamb", lr=3e-3, weight_decay=0.01)
+    cfg = dataclasses.replace(load_params().run("rin_fmnist").train, optimizer="lamb", lr=3e-3,
+                              weight_decay=weight_decay)
     opt = make_optimizer(model, cfg)
     exempt = {"0.bias", "1.weight", "1.bias", "2.bias"}  # biases, LayerNorm gamma and beta
     oracle = {n: (p.detach().numpy().copy(), np.zeros(p.shape), np.zeros(p.shape)) for n, p in model.named_parameters()}
@@ -426,3 +426,23 @@ def test_the_decay_covers_a_fraction_of_the_cosine_as_pix2seq_cosine_at(fraction
                               lr_decay="cosine", lr_decay_fraction=fraction)
     assert lr_factor(99, cfg) == pytest.approx(1.0) and lr_factor(100, cfg) == pytest.approx(1.0)
     assert lr_factor(1000, cfg) == pytest.approx(end, abs=1e-4)  # 0.5 (1 + cos(pi f)): 9.5% and 20.6% of the peak
+
+
+def test_the_optimisers_take_the_configured_betas_and_skip_only_frozen_tensors():
+    from diffusion.optim import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)  # frozen, and first: the tensors after it still train
+    for optimizer in ("adamw", "lamb"):
+        cfg = dataclasses.replace(tiny_run().train, optimizer=optimizer, beta1=0.8, beta2=0.95)
+        opt = make_optimizer(model, cfg)
+        assert {g["betas"] for g in opt.param_groups} == {(0.8, 0.95)}
+        trained = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert trained == {id(p) for p in model.parameters()} - {id(model[0].weight)}
+
+
+def test_the_lr_stays_at_the_end_of_its_decay_past_the_last_step_and_a_one_step_decay_ends_there():
+    cfg = dataclasses.replace(tiny_run().train, steps=10, warmup_steps=2, lr_decay="cosine", lr_decay_fraction=1.0)
+    assert lr_factor(10, cfg) == pytest.approx(0.0, abs=1e-12) and lr_factor(15, cfg) == lr_factor(10, cfg)
+    one = dataclasses.replace(cfg, steps=3)  # one step of decay after the warmup
+    assert lr_factor(2, one) == 1.0 and lr_factor(3, one) == pytest.approx(0.0, abs=1e-12)

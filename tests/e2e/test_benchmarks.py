@@ -33,8 +33,7 @@ def test_an_arm_adds_to_the_runs_model_overrides():
     assert arm.model.overrides == base.model.overrides | {"num_latents": 64}  # ... is kept beside the arm's
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").exists(), reason="needs Fashion-MNIST")
-def test_a_repeated_arm_scores_the_same_and_a_changed_one_differs(tmp_path):
+def test_a_repeated_arm_scores_the_same_and_a_changed_one_differs(tmp_path, fashion_mnist):
     from data.prepare import write_dataset_shards
     from diffusion.config import load_params
 

@@ -4,14 +4,18 @@ against one real Prefect server; the `slow` ones run this repository's pipeline 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -373,13 +377,11 @@ def test_served_deployment_runs_from_the_cli(prefect_server, toy_project):
         serve.wait(timeout=60)
 
 
-# This repository's pipeline at smoke scale, in a clone of HEAD (slow).
-
-WEIGHTS = Path("~/.cache/rin-meme/weights").expanduser()
-needs_data = pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist").exists() or not list(WEIGHTS.glob("fid-inception-*.pt")),
-    reason="needs Fashion-MNIST and the offline Inception weights (diffusion/metrics/weights.py)",
-)
+# This repository's pipeline at smoke scale: the default run's chain in the default suite, the whole graph (slow).
+# Missing data or weights fail these tests (tests/helpers.py): a skip would pass on the machine that lacks them.
+needs_data = pytest.mark.usefixtures("fashion_mnist", "fid_inception", "i3d_weights")
+DEFAULT_CHAIN = ["shard@fashion_mnist", "train@rin_fmnist", "sample@rin_fmnist", "refstats@fashion_mnist",
+                 "evaluate@rin_fmnist"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -394,23 +396,78 @@ def env_with_venv() -> dict[str, str]:
     return os.environ | {"PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
 
 
+def working_tree_copy(root: Path) -> Path:
+    """This checkout's tracked files as they are on disk (edits included, outputs/ and caches not) in a fresh git
+    repository at `root`, its params.yaml shrunk to smoke scale (flows/scale.py); returns root."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, (f.decode() for f in files)):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, smoke_overrides(parse_params(raw)))))
+    env = os.environ | {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                        "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "smoke"]):  # dvclive wants a commit
+        subprocess.run(["git", *cmd], cwd=root, env=env, check=True)
+    return root
+
+
+def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "dvc", *args], cwd=root, env=env_with_venv(), capture_output=True, text=True)
+
+
+def dvc_status(root: Path, *targets: str) -> dict:
+    """`dvc status --json` of the targets and everything upstream of them ({} when all are up to date)."""
+    proc = dvc(root, "status", "--json", *(["--with-deps", *targets] if targets else []))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(proc.stdout or "{}")
+
+
+@pytest.mark.timeout(600)  # ~1 min on an idle 2-core machine
+@pytest.mark.usefixtures("fashion_mnist", "fid_inception")
+def test_smoke_dvc_repro_of_the_default_run_then_dvc_status_is_clean(tmp_path):
+    """Real DVC on the real dvc.yaml: `dvc repro evaluate@rin_fmnist` at smoke scale runs shard -> train -> sample
+    (-> refstats) -> evaluate, records them in dvc.lock, and `dvc status` then calls them up to date; a changed
+    sampler setting makes exactly sample and evaluate stale again. (The report stage reads every run's outputs, so
+    the whole graph through the report is the slow test below.)"""
+    root = working_tree_copy(tmp_path / "repo")
+    proc = dvc(root, "repro", "evaluate@rin_fmnist")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage '")]
+    assert sorted(ran) == sorted(DEFAULT_CHAIN)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]  # the committed lock, these five re-recorded
+    assert lock["train@rin_fmnist"]["params"]["params.yaml"]["runs.rin_fmnist.train"]["steps"] == 20
+    (out,) = lock["evaluate@rin_fmnist"]["outs"]
+    assert out["md5"] == hashlib.md5((root / "outputs/rin_fmnist/eval/metrics.json").read_bytes()).hexdigest()
+    train = json.loads((root / "outputs/rin_fmnist/train/metrics.json").read_text())
+    assert train["steps"] == 20 and train["images_seen"] == 20 * 16 and math.isfinite(train["final_loss"])
+    with np.load(root / "outputs/rin_fmnist/samples/samples.npz") as samples:
+        assert samples["arr_0"].shape == (64, 32, 32, 1) and samples["arr_0"].dtype == np.uint8
+    metrics = json.loads((root / "outputs/rin_fmnist/eval/metrics.json").read_text())
+    assert metrics["num_samples"] == 64 and metrics["num_reference"] == 64 and math.isfinite(metrics["fid"])
+
+    assert dvc_status(root, "evaluate@rin_fmnist") == {}
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["runs"]["rin_fmnist"]["sample"]["steps"] = 9
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert sorted(dvc_status(root, "evaluate@rin_fmnist")) == ["evaluate@rin_fmnist", "sample@rin_fmnist"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # minutes on an idle 2-core machine; more when it is shared
 @needs_data
 def test_smoke_dvc_repro_end_to_end(tmp_path):
-    root = tmp_path / "repo"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, smoke_overrides(parse_params(raw)))))
-    proc = subprocess.run([PY, "-m", "dvc", "repro"], cwd=root, env=env_with_venv(), capture_output=True, text=True)
+    root = working_tree_copy(tmp_path / "repo")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    proc = dvc(root, "repro")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for run, entry in raw["runs"].items():
         n = 16 if raw["datasets"][entry["dataset"]]["frames"] else 64  # clips (FVD) or images (FID)
         metrics = json.loads((root / f"outputs/{run}/eval/metrics.json").read_text())
         assert metrics["num_samples"] == n and metrics["num_reference"] == n
     assert "rin_fmnist" in (root / "outputs/report/report.md").read_text()
-    status = subprocess.run([PY, "-m", "dvc", "status"], cwd=root, env=env_with_venv(), capture_output=True, text=True)
-    assert "up to date" in status.stdout
+    assert dvc_status(root) == {}
 
 
 @pytest.mark.slow
