@@ -15,7 +15,7 @@ from diffusion import cli
 from diffusion.checkpoint import save_weights
 from diffusion.config import parse_params
 from diffusion.distributed import Dist
-from diffusion.registry import build_model
+from diffusion.registry import build_model, resolve_model
 from diffusion.stages.sample import generate, sampling_fingerprint
 from tests.helpers import with_key
 
@@ -323,5 +323,6 @@ def test_cost_json_names_the_sampled_networks_size_and_steps(project, tmp_path):
     cost = json.loads((tmp_path / "s" / "cost.json").read_text())
     run = parse_params(tiny_raw()).run("tiny")
     params = sum(p.numel() for p in build_model(run).parameters())
-    assert set(cost) == {"model_params", "gflops_per_image", "sampling_steps"}
+    assert set(cost) == {"model_params", "gflops_per_image", "sampling_steps", "patch"}
     assert cost["model_params"] == params and cost["gflops_per_image"] > 0 and cost["sampling_steps"] == 2
+    assert cost["patch"] == list(resolve_model(run).patch)  # the grid evaluate's seam ratio measures
