@@ -168,13 +168,31 @@ def model_cost(path: Path) -> dict[str, Any]:
                         "stage") from None
 
 
-def seam_fields(images: np.ndarray, ref_path: Path, patch: list[int] | None) -> dict[str, Any]:
+def reference_extras(path: Path, run: RunConfig) -> tuple[np.ndarray | None, np.ndarray, str]:
+    """What refstats keeps beside the reference features: the real images (None in a file that predates them), and
+    the floor's held-out features (empty when none) with their split."""
+    with open_npz(path, f"`dvc repro refstats@{run.dataset_name}`") as z:
+        images = z["images"] if "images" in z.files else None
+        if "floor_features" not in z.files:
+            return images, np.zeros((0, 0)), ""
+        return images, z["floor_features"].astype(np.float64), str(z["floor_split"])
+
+
+def frechet(feats: np.ndarray, ref_feats: np.ndarray, run: RunConfig) -> tuple[str, float, Any]:
+    """("fvd" or "fid", its value, the FVDResult / FIDResult) of features against the reference, as evaluate scores
+    samples (and the floor)."""
+    if run.dataset.frames:
+        result = fvdlib.fvd_from_features(feats, ref_feats)
+        return "fvd", result.fvd, result
+    result = sample_fid(feats, ref_feats)
+    return "fid", result.fid, result
+
+
+def seam_fields(images: np.ndarray, real: np.ndarray | None, patch: list[int] | None) -> dict[str, Any]:
     """A patch model's seam ratio on its samples and on the cached real reference images (the floor), or nothing for
     a model without patches; the real side is null when the refstats file predates stored images."""
     if not patch:
         return {}
-    with np.load(ref_path) as z:
-        real = z["images"] if "images" in z.files else None
     out: dict[str, Any] = dict(seams.seam_ratio(images, patch))
     if real is not None:
         out |= {f"{k}_real": v for k, v in seams.seam_ratio(real, patch).items()}
@@ -183,23 +201,16 @@ def seam_fields(images: np.ndarray, ref_path: Path, patch: list[int] | None) -> 
     return {"seam_patch": patch, **out}
 
 
-def floor_fields(ref_path: Path, ref_feats: np.ndarray, num_samples: int, run: RunConfig) -> dict[str, Any]:
+def floor_fields(held_out: np.ndarray, split: str, ref_feats: np.ndarray, num_samples: int,
+                 run: RunConfig) -> dict[str, Any]:
     """The floor: held-out real images (clips) scored exactly as the samples are, against the same reference, at the
     samples' N (or all the floor holds, when fewer: floor_n says which). Nothing when refstats stored none."""
-    with np.load(ref_path) as z:
-        if "floor_features" not in z.files or not len(z["floor_features"]):
-            return {}
-        held_out, split = z["floor_features"].astype(np.float64), str(z["floor_split"])
+    if not len(held_out):
+        return {}
     real = held_out[:num_samples]
-    frechet = "fvd" if run.dataset.frames else "fid"
-    if run.dataset.frames:
-        result = fvdlib.fvd_from_features(real, ref_feats)
-        value, method = result.fvd, result.method
-    else:
-        result = sample_fid(real, ref_feats)
-        value, method = result.fid, result.method
+    name, value, result = frechet(real, ref_feats, run)
     kernel = kernel_distance_fields("kvd" if run.dataset.frames else "kid", real, ref_feats, run)
-    return {f"floor_{frechet}": value, f"floor_{frechet}_method": method, "floor_n": len(real), "floor_split": split,
+    return {f"floor_{name}": value, f"floor_{name}_method": result.method, "floor_n": len(real), "floor_split": split,
             **{f"floor_{k}": v for k, v in kernel.items()}}
 
 
@@ -214,19 +225,17 @@ def evaluate_run(params: Params, run: RunConfig, samples_path: Path, cost_path: 
     ref_feats = load_reference_features(ref_path, run)
     feats, rate = timed_features(images, net or feature_network_for(run.dataset), desc=f"sample features {run.name}")
     extractor, network, sha = feature_space(run.dataset)
+    name, value, result = frechet(feats, ref_feats, run)
+    score = {name: value, f"{name}_method": result.method, "singular": result.singular}
     if run.dataset.frames:
-        result = fvdlib.fvd_from_features(feats, ref_feats)
-        score = {"fvd": result.fvd, "fvd_method": result.method, "singular": result.singular,
-                 **kernel_distance_fields("kvd", feats, ref_feats, run),
-                 "frames": run.dataset.frames, "context_frames": run.diffusion.context_frames,
-                 **video_inception_score_fields(feats, run)}
+        score |= {**kernel_distance_fields("kvd", feats, ref_feats, run), "frames": run.dataset.frames,
+                  "context_frames": run.diffusion.context_frames, **video_inception_score_fields(feats, run)}
     else:
-        result = sample_fid(feats, ref_feats)
-        score = {"fid": result.fid, "fid_method": result.method, "singular": result.singular,
-                 **kernel_distance_fields("kid", feats, ref_feats, run), **inception_score_fields(images, run)}
+        score |= {**kernel_distance_fields("kid", feats, ref_feats, run), **inception_score_fields(images, run)}
     cost = model_cost(cost_path)
-    score |= seam_fields(images, ref_path, cost.pop("patch"))
-    score |= floor_fields(ref_path, ref_feats, len(feats), run)
+    real_images, held_out, floor_split = reference_extras(ref_path, run)
+    score |= seam_fields(images, real_images, cost.pop("patch"))
+    score |= floor_fields(held_out, floor_split, ref_feats, len(feats), run)
     metrics = {
         "run": run.name, "dataset": run.dataset_name, "resolution": run.dataset.resolution, **score,
         "num_samples": result.n1, "num_reference": result.n2, "reference_split": run.eval.reference_split,
