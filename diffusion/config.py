@@ -121,6 +121,9 @@ class TrainConfig:
     ema_decay: float = bounded(ge=0, lt=1)
     self_cond_rate: float = bounded(ge=0, le=1)  # RIN latent self-conditioning; 0 disables it everywhere
     precision: Literal["fp32", "bf16"]  # bf16 autocast with fp32 master weights
+    # torch.compile of the network for training and sampling: "auto" compiles on CUDA and not on CPU, where inductor
+    # was slower than eager here (benchmarks/results/speed.json); "on" / "off" force it. Speed only: not fingerprinted.
+    compile: Literal["auto", "on", "off"]
     log_every: int = bounded(ge=1)
     checkpoint_every: int = bounded(ge=1)
     data: Literal["memory", "stream"]  # memory: whole split in RAM, exact resume; stream: WebDataset shards

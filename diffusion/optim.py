@@ -47,7 +47,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "lamb":
         return Lamb(lamb_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=LAMB_EPS,
                     max_grad_norm=None)  # pix2seq's LAMB clips nothing (train.grad_clip still can)
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # fused: one kernel for all parameters (CPU and CUDA), the same update as the per-tensor loop; on this CPU 4.5x
+    # faster for rin_cifar10's 190 tensors (15 vs 65 ms a step) and 3.7x for the default run's (benchmarks/speed.py)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=True)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

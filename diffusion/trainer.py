@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from diffusion import checkpoint
 from diffusion.config import RunConfig
-from diffusion.distributed import Dist, autocast, barrier, reduce_step
+from diffusion.distributed import Dist, autocast, barrier, reduce_step, use_compile
 from diffusion.errors import Stopped, UserError
 from diffusion.images import grid, to_uint8_nhwc, video_grid
 from diffusion.io import fingerprint, move_aside, write_text
@@ -71,7 +71,7 @@ class TrainResult:
 # Settings that do not change what a run computes, left out of its training fingerprint: where the raw data lives and
 # how it is fetched or how bad inputs are handled (the shards are what training reads), and logging intervals.
 UNFINGERPRINTED = {"dataset": ("root", "download", "skip_corrupt"),
-                   "train": ("log_every", "checkpoint_every", "sample_every", "num_workers")}
+                   "train": ("log_every", "checkpoint_every", "sample_every", "num_workers", "compile")}
 
 
 def training_settings(run: RunConfig, first_stage_sha256: str | None = None) -> dict:
@@ -166,6 +166,8 @@ class Trainer:
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(run.train.ema_decay), use_buffers=True)
         self.optimizer = make_optimizer(self.model, run.train)
         self.ddp = DistributedDataParallel(self.model) if d.enabled else self.model
+        if use_compile(run.train.compile, d.device):
+            self.ddp = torch.compile(self.ddp)  # the first step pays the compile time (logged as its step time)
         self.schedule = Schedule(run.diffusion.train_schedule)
         self.settings = training_settings(run, first_stage.sha256 if first_stage is not None else None)
         self.fingerprint = fingerprint(self.settings)

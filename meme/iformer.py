@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion.layers import attend
+
 
 def split_channels(dim: int, ratio: float, head_width: int) -> tuple[int, int]:
     """(d_h, d_l) for a block of width `dim` whose high mixer gets the fraction `ratio` of the channels; raises
@@ -82,7 +84,7 @@ class LowMixer(nn.Module):
         pooled = F.avg_pool2d(z, self.pool) if self.pool > 1 else z  # (B, d_l, h/p, w/p)
         tokens = einops.rearrange(pooled, "b c y x -> b (y x) c")
         q, k, v = einops.rearrange(self.qkv(tokens), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, n, d_l / heads)
+        out = attend(q, k, v)  # (B, heads, n, d_l / heads)
         out = einops.rearrange(out, "b h (y x) d -> b (h d) y x", y=h // self.pool)
         return F.interpolate(out, scale_factor=self.pool, mode="nearest") if self.pool > 1 else out
 

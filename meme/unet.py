@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion.layers import attend
 from diffusion.typed import bounded
 from meme.iformer import IFormerBlock, split_channels
 
@@ -172,10 +173,15 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x).flatten(2))  # (B, 3C, HW)
-        q, k, v = einops.rearrange(qkv, "b (three h d) n -> three b h n d", three=3, h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C / heads)
-        return x + self.proj(einops.rearrange(out, "b h n d -> b (h d) n")).reshape(b, c, h, w)
+        # The 1x1 convolutions as matmuls over (B, HW, C) tokens, so that a head's channels are contiguous: PyTorch's
+        # CPU flash kernel needs a unit stride there and falls back to its math path (2x slower here, and holding
+        # the (HW, HW) scores) without it. Same weights as the convolutions (ADM's layout of the state dict).
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)  # (B, HW, 3C)
+        q, k, v = einops.rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        out = einops.rearrange(attend(q, k, v), "b h n d -> b n (h d)")  # (B, HW, C)
+        out = F.linear(out, self.proj.weight[:, :, 0], self.proj.bias)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):

@@ -23,7 +23,7 @@ from diffusion import distributed
 from diffusion.args import add_device, out_folder, parser
 from diffusion.checkpoint import first_stage, load_trained, weight_files
 from diffusion.config import ConfigError, RunConfig
-from diffusion.distributed import Dist, autocast, barrier
+from diffusion.distributed import Dist, autocast, barrier, use_compile
 from diffusion.flops import denoiser_cost
 from diffusion.images import from_uint8, grid, save_png_atomic, to_uint8_nhwc, video_grid
 from diffusion.io import fingerprint as settings_fingerprint
@@ -178,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = [*files, decoder.path]
     weights = files[0] if len(files) == 1 else files
     try:
-        npz = generate(run, model, out, d, sampling_fingerprint(run, weights), num_samples=args.num_samples,
+        net = torch.compile(model) if use_compile(run.train.compile, d.device) else model  # train.compile
+        npz = generate(run, net, out, d, sampling_fingerprint(run, weights), num_samples=args.num_samples,
                        context=context, decode=decoder.decode if decoder is not None else None)
     finally:
         distributed.shutdown(d)

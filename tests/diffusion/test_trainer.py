@@ -446,3 +446,49 @@ def test_the_lr_stays_at_the_end_of_its_decay_past_the_last_step_and_a_one_step_
     assert lr_factor(10, cfg) == pytest.approx(0.0, abs=1e-12) and lr_factor(15, cfg) == lr_factor(10, cfg)
     one = dataclasses.replace(cfg, steps=3)  # one step of decay after the warmup
     assert lr_factor(2, one) == 1.0 and lr_factor(3, one) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_fused_adamw_takes_the_per_tensor_loops_steps(tmp_path):
+    """The trainer's AdamW is the fused kernel (a speed choice, benchmarks/speed.py): three steps from the same
+    weights and batches land where the per-tensor loop lands, decay groups included."""
+    from diffusion.optim import param_groups
+
+    run = tiny_run(weight_decay=0.1)
+    trainer = Trainer(run, tmp_path, CPU)
+    assert all(g["fused"] for g in trainer.optimizer.param_groups)
+    twin = Trainer(run, tmp_path / "twin", CPU)
+    t = run.train
+    twin.optimizer = torch.optim.AdamW(param_groups(twin.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                       foreach=False)
+    init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    a, b = random_source(), random_source()
+    for _ in range(3):
+        trainer.one_step(a)
+        twin.one_step(b)
+    moved = 0.0
+    for (name, p), q in zip(trainer.model.named_parameters(), twin.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"fused and looped AdamW differ at {name}")
+        moved = max(moved, (p - init[name]).abs().max().item())
+    assert moved > 1e-4, "three steps did not move the weights"
+
+
+def test_compile_setting_compiles_on_cuda_only_when_auto():
+    from diffusion.distributed import use_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert (use_compile("auto", cpu), use_compile("auto", cuda)) == (False, True)
+    assert use_compile("on", cpu) and use_compile("on", cuda)
+    assert not use_compile("off", cpu) and not use_compile("off", cuda)
+
+
+@pytest.mark.slow
+def test_a_compiled_trainer_follows_the_eager_one(tmp_path):
+    """train.compile "on" (torch.compile, inductor on CPU; about a minute to compile): the same losses as eager."""
+    eager = Trainer(tiny_run(), tmp_path / "eager", CPU)
+    compiled = Trainer(tiny_run(compile="on"), tmp_path / "compiled", CPU)
+    assert compiled.ddp is not compiled.model
+    a, b = random_source(), random_source()
+    for _ in range(3):
+        la, _, _ = eager.one_step(a)
+        lb, _, _ = compiled.one_step(b)
+        assert lb == pytest.approx(la, rel=1e-4)
