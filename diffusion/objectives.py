@@ -105,6 +105,14 @@ class NoiseDraw:
         return NoiseDraw(self.t.to(device), self.eps.to(device), self.u.to(device))
 
 
+def _has_latents_only_pass(model) -> bool:
+    """Whether the network under DDP / torch.compile wrappers can skip what a first pass discards (RIN's last write
+    and readout: `latents_only_pass`)."""
+    for attr in ("module", "_orig_mod", "module"):  # DDP(compiled) / compiled(DDP) in either order
+        model = getattr(model, attr, model)
+    return bool(getattr(model, "latents_only_pass", False))
+
+
 def self_conditioning_state(
     model: Denoiser, x_t: Tensor, gamma: Tensor, labels: Tensor | None, keep: Tensor | None
 ) -> Tensor | None:
@@ -112,8 +120,9 @@ def self_conditioning_state(
     kept for the examples where `keep` is true and zeroed for the others. None when self-conditioning is off."""
     if keep is None:
         return None
+    extra = {"latents_only": True} if _has_latents_only_pass(model) else {}
     with torch.no_grad():
-        _, state = model(x_t, gamma, labels, None)
+        _, state = model(x_t, gamma, labels, None, **extra)
     assert state is not None, "self_cond_rate > 0 needs a denoiser that returns a state"
     return state.detach() * _bcast(keep.float(), state)
 

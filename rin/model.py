@@ -193,10 +193,13 @@ class RINBlock(nn.Module):
         grid = tuple(s // p for s, p in zip(cfg.data_shape, cfg.patch, strict=True))
         self.conv = TokenConv(cfg.interface_dim, grid, cfg.interface_conv) if cfg.interface_conv else None
 
-    def forward(self, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, z: Tensor, x: Tensor, write: bool = True) -> tuple[Tensor, Tensor]:
+        """`write` False: the latents only (the interface comes back unchanged)."""
         z = self.read(z, x)  # (B, m, d')
         for layer in self.process:
             z = layer(z)
+        if not write:
+            return z, x
         x = self.write(x, z)  # (B, n, d)
         if self.conv is not None:
             x = self.conv(x)
@@ -273,6 +276,10 @@ class NoiseLevelEmbedding(nn.Module):
 class RIN(nn.Module):
     """The RIN denoiser: forward(x_t, gamma, labels, latents_prev) -> (prediction, latents)."""
 
+    # forward(..., latents_only=True) returns (None, latents) without the last write and the readout, whose outputs
+    # a self-conditioning first pass discards (diffusion.objectives.self_conditioning_state)
+    latents_only_pass = True
+
     def __init__(self, cfg: RINConfig):
         super().__init__()
         cfg.validate()
@@ -313,12 +320,16 @@ class RIN(nn.Module):
         return z
 
     def forward(
-        self, x_t: Tensor, gamma: Tensor, labels: Tensor | None = None, latents_prev: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+        self, x_t: Tensor, gamma: Tensor, labels: Tensor | None = None, latents_prev: Tensor | None = None,
+        latents_only: bool = False,
+    ) -> tuple[Tensor | None, Tensor]:
         x = self.tokenizer.tokens(x_t)  # (B, n, d)
         z = self.init_latents(gamma, labels, latents_prev)  # (B, m, d')
-        for block in self.blocks:
-            z, x = block(z, x)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            z, x = block(z, x, write=not (latents_only and i == last))
+        if latents_only:
+            return None, z
         return self.tokenizer.readout(x), z  # (B, C, *spatial), (B, m, d')
 
 

@@ -182,3 +182,48 @@ def test_token_conv_starts_as_identity_and_mixes_neighbours_only(grid):
 def test_interface_conv_must_be_an_odd_kernel():
     with pytest.raises(ValueError, match="interface_conv 2 must be 0"):
         tiny_config(interface_conv=2).validate()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_latents_only_pass_returns_the_full_passs_latents_and_skips_the_last_write(training):
+    """The self-conditioning first pass (latents_only) computes exactly the latents of a full pass (same weights,
+    same dropout draws) and never runs the last block's write or the readout."""
+    model = _live_model().train(training)
+    x_t, gamma = torch.randn(3, 1, 32, 32), torch.rand(3)
+    torch.manual_seed(5)
+    out, z = model(x_t, gamma)
+    ran = []
+    hooks = [m.register_forward_hook(lambda *a, name=name: ran.append(name)) for name, m in
+             (("last write", model.blocks[-1].write), ("readout", model.tokenizer.out))]
+    torch.manual_seed(5)
+    none, z_only = model(x_t, gamma, latents_only=True)
+    for h in hooks:
+        h.remove()
+    assert none is None and ran == []
+    assert torch.equal(z_only, z) and out is not None
+
+
+def test_the_first_pass_asks_for_latents_only_through_wrappers():
+    """self_conditioning_state passes latents_only=True to a network that has the pass, also inside a DDP-like
+    `.module` wrapper, and nothing to one that lacks it (a U-Net, a test double)."""
+    model = _live_model()
+    seen = []
+
+    class Wrapper(torch.nn.Module):  # the attribute layout of DistributedDataParallel
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            seen.append(kwargs)
+            return self.module(*args, **kwargs)
+
+    x_t, gamma, keep = torch.randn(2, 1, 32, 32), torch.rand(2), torch.tensor([True, True])
+    state = self_conditioning_state(Wrapper(model), x_t, gamma, None, keep)
+    assert seen == [{"latents_only": True}]
+    torch.testing.assert_close(state, model(x_t, gamma)[1])
+
+    def plain(x_t, gamma, labels=None, state=None):
+        return x_t, torch.ones(len(x_t), 2)
+
+    assert torch.equal(self_conditioning_state(plain, x_t, gamma, None, keep), torch.ones(2, 2))
