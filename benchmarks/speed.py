@@ -10,9 +10,10 @@ machine hits all arms of a round alike; the JSON holds the per-round seconds and
 above 1 mean this project is faster. GFLOP/s use FLOPs counted once per arm by torch's FLOP counter on the fp32
 call (2 per multiply-add), the same count for bf16.
 
-Old path (the CPU runs): PyTorch's scaled_dot_product_attention under bf16, the token convolution in bf16 and the
-per-tensor AdamW loop; new: the matmul attention path on CPU in bf16 (diffusion/layers.py), the token convolution in
-fp32 on CPU (rin/model.py) and fused AdamW (diffusion/optim.py).
+Old path (the CPU runs): PyTorch's scaled_dot_product_attention under bf16, the token convolution in bf16, a full
+first self-conditioning pass and the per-tensor AdamW loop; new: the matmul attention path on CPU in bf16
+(diffusion/layers.py), the token convolution in fp32 on CPU and a first pass without the last write and readout
+(rin/model.py), fused AdamW (diffusion/optim.py).
 """
 
 from __future__ import annotations
@@ -56,16 +57,18 @@ def legacy_token_conv(self, x: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def old_path():
     """The code path before the speed work, for the old arms: SDPA attention under bf16, the token convolution in
-    bf16 (and, in run_step(old=True), the per-tensor AdamW loop)."""
-    from rin.model import TokenConv
+    bf16, a full first self-conditioning pass (and, in run_step(old=True), the per-tensor AdamW loop)."""
+    from rin.model import RIN, TokenConv
 
     current = TokenConv.forward
     TokenConv.forward = legacy_token_conv
+    RIN.latents_only_pass = False
     try:
         with attention_backend("sdpa"):
             yield
     finally:
         TokenConv.forward = current
+        RIN.latents_only_pass = True
 
 
 @dataclasses.dataclass
