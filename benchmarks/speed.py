@@ -79,6 +79,7 @@ class Arm:
     group: str  # arms of a group are compared with each other
     old: bool = False  # run under old_path()
     gflop: float | None = None
+    first_call_s: float | None = None  # compiled arms: the call that compiles
     seconds: list[float] = dataclasses.field(default_factory=list)
 
     def run(self) -> None:
@@ -168,12 +169,14 @@ def unet_arms(precisions: list[str], batch: int, preset: str) -> list[Arm]:
     return arms
 
 
-def run_step(params: str, name: str, old: bool) -> tuple[Callable[[], None], int]:
+def run_step(params: str, name: str, old: bool, compiled: bool = False) -> tuple[Callable[[], None], int]:
     """The trainer's step of a params.yaml run (train_step, then the EMA update) on a batch of synthetic data of
-    the run's shape; `old`: the per-tensor AdamW loop the trainer used before (the attention path is the arm's)."""
+    the run's shape; `old`: the per-tensor AdamW loop the trainer used before (the attention path is the arm's);
+    `compiled`: the network under torch.compile, as train.compile "on" runs it."""
     _, run = load_run(params, name)
     torch.manual_seed(0)
     model = build_model(run).train()
+    net = torch.compile(model) if compiled else model
     ema = AveragedModel(model, multi_avg_fn=ema_update(run.train.ema_decay), use_buffers=True)
     if old:
         opt = torch.optim.AdamW(param_groups(model, run.train.weight_decay), lr=run.train.lr,
@@ -191,7 +194,7 @@ def run_step(params: str, name: str, old: bool) -> tuple[Callable[[], None], int
 
     def fn() -> None:
         noise = NoiseDraw.draw(step_generator(0, step[0]), shape)
-        train_step(model, (x0, labels), noise, opt, run, schedule, d)
+        train_step(net, (x0, labels), noise, opt, run, schedule, d)
         ema.update_parameters(model)
         step[0] += 1
 
@@ -205,6 +208,29 @@ def cpu_run_arms(params: str, runs: list[str]) -> list[Arm]:
         new_fn, _ = run_step(params, name, old=False)
         arms += [Arm(f"{name}_old", old_fn, b, f"cpu_run_{name}", old=True),
                  Arm(f"{name}_new", new_fn, b, f"cpu_run_{name}")]
+    return arms
+
+
+def compile_arms(params: str, runs: list[str], batch: int) -> list[Arm]:
+    """train.compile "on" against eager: rin_cifar10's bf16 step and the CPU runs' trainer steps, each with its
+    compile time (the first call) recorded."""
+    arms = []
+    steps = [("rin_cifar10_bf16", lambda m: peers.main_train_step(m, batch, 0.9, "bf16"), batch)]
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = peers.main_rin("rin_cifar10", self_cond=True)
+        net = torch.compile(model) if compiled else model
+        net.cfg = model.cfg
+        arms.append(Arm(f"rin_cifar10_bf16_{'compiled' if compiled else 'eager'}", steps[0][1](net), batch,
+                        "compile_rin_cifar10_bf16"))
+    for name in runs:
+        for compiled in (False, True):
+            fn, b = run_step(params, name, old=False, compiled=compiled)
+            arms.append(Arm(f"{name}_{'compiled' if compiled else 'eager'}", fn, b, f"compile_{name}"))
+    for arm in arms:  # the compile happens in the first call: time it here, outside the rounds
+        t0 = time.perf_counter()
+        arm.run()
+        arm.first_call_s = time.perf_counter() - t0
     return arms
 
 
@@ -227,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=3, help="timed calls per arm and round (median)")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
-    ap.add_argument("--parts", nargs="+", default=["rin", "unet", "cpu_runs"], choices=["rin", "unet", "cpu_runs"])
+    ap.add_argument("--parts", nargs="+", default=["rin", "unet", "cpu_runs", "compile"],
+                    choices=["rin", "unet", "cpu_runs", "compile"])
     ap.add_argument("--rin-batch", type=int, default=16)
     ap.add_argument("--unet-batch", type=int, default=2)
     ap.add_argument("--unet-preset", default="ldm_s")
@@ -245,8 +272,10 @@ def main(argv: list[str] | None = None) -> None:
         arms += unet_arms(args.precision, args.unet_batch, args.unet_preset)
     if "cpu_runs" in args.parts:
         arms += cpu_run_arms(args.params, args.runs)
+    if "compile" in args.parts:
+        arms += compile_arms(args.params, args.runs, args.rin_batch)
     for arm in tqdm(arms, desc="counting FLOPs", leave=False):  # on the fp32 twin: same count in bf16
-        if arm.gflop is None and not arm.name.startswith("ceiling"):
+        if arm.gflop is None and not arm.name.startswith("ceiling") and arm.first_call_s is None:  # not compile arms
             with attention_backend("sdpa"):
                 arm.gflop = gflop_of(arm.fn)
     for _ in tqdm(range(args.rounds), desc="rounds"):
@@ -261,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.runs if "cpu_runs" in args.parts else []:
             old, new = by_name[f"{name}_old"].seconds[r], by_name[f"{name}_new"].seconds[r]
             ratios[f"{name}: new / old"] = round(old / new, 3)
+        for name in (["rin_cifar10_bf16", *args.runs] if "compile" in args.parts else []):
+            eager, comp = by_name[f"{name}_eager"].seconds[r], by_name[f"{name}_compiled"].seconds[r]
+            ratios[f"{name}: compiled / eager"] = round(eager / comp, 3)
         rounds.append(ratios)
     ceiling = statistics.median(by_name["ceiling_matmul_bfloat16"].gflop / s
                                 for s in by_name["ceiling_matmul_bfloat16"].seconds)
@@ -271,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "arms": [{
             "name": a.name, "group": a.group, "old_code_path": a.old, "items_per_call": a.items,
+            "first_call_seconds": None if a.first_call_s is None else round(a.first_call_s, 1),
             "seconds_per_round": [round(s, 4) for s in a.seconds], "seconds": round(statistics.median(a.seconds), 4),
             "items_per_s": round(a.items / statistics.median(a.seconds), 2),
             "gflop_per_call": None if a.gflop is None else round(a.gflop, 2),

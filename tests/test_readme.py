@@ -80,7 +80,8 @@ def check_row(root: Path, row: list[str]) -> None:
 
 
 def committed_figures(root: Path) -> dict[str, list[float]]:
-    """Every throughput, FID and FVD the committed files hold: img/s (image runs and benchmarks), clips/s (video)."""
+    """Every throughput, FID and FVD the committed files hold: img/s (image runs and benchmarks), clips/s (video);
+    FID / FVD of the samples and of the floor (held-out real images scored the same way)."""
     figures: dict[str, list[float]] = {"img/s": [], "clips/s": [], "FID": [], "FVD": []}
     for path in root.glob("outputs/*/train/metrics.json"):
         run = path.parts[-3]
@@ -89,7 +90,8 @@ def committed_figures(root: Path) -> dict[str, list[float]]:
         figures["clips/s" if video else "img/s"].append(load(path)["images_per_s"])
     for path in root.glob("outputs/*/eval/metrics.json"):
         ev = load(path)
-        figures["FVD" if "fvd" in ev else "FID"].append(ev.get("fvd", ev.get("fid")))
+        kind = "FVD" if "fvd" in ev else "FID"
+        figures[kind] += [ev[k] for k in (kind.lower(), f"floor_{kind.lower()}") if k in ev]  # a score, its floor
 
     def walk(node) -> None:
         if isinstance(node, dict):

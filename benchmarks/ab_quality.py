@@ -1,0 +1,169 @@
+"""Paired A/B of a run's variants judged by sample quality: each arm trains from the same seed, data order and noise
+draws, for the same wall time (or the same steps), then draws the same seeds with each sampler variant and is scored
+as the evaluate stage scores a run: KID +- std and FID of N samples against the run's cached reference features
+(N and the reference size recorded), the seam ratio of a patch model's samples beside real images', and the
+per-noise-level test loss of benchmarks/ab_loss.py.
+
+    python -m benchmarks.ab_quality rin_fmnist --shards data/shards/fashion_mnist \
+        --refstats data/refstats/fashion_mnist.npz --minutes 8 --samples 1024 \
+        --arm base --arm stem_ln_off=model.overrides.token_norm=false \
+        --sampler base --sampler ddim=sample.sampler=ddim \
+        --out benchmarks/results/ab_quality_rin_fmnist.json
+
+Equal wall time: each arm first times --calibrate steps of its own training, then trains
+minutes * 60 / (seconds per step) steps (its own LR schedule over them). Sampler variants are dotted keys of the
+run's `sample` section, applied to the trained weights of every arm. KID and FID at N samples are comparable only
+between rows of the same N and reference, which one invocation keeps fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from benchmarks.ab_loss import GAMMAS, arm_run, parse_arm, test_loss
+from data.batches import read_split, training_source
+from diffusion.distributed import Dist, autocast
+from diffusion.images import from_uint8, to_uint8_nhwc
+from diffusion.metrics.features import feature_network_for, feature_space, timed_features
+from diffusion.registry import resolve_model
+from diffusion.sampling import sample
+from diffusion.stages.evaluate import (
+    kernel_distance_fields,
+    load_reference_features,
+    reference_extras,
+    sample_fid,
+    seam_fields,
+)
+from diffusion.trainer import Trainer
+from diffusion.typed import set_dotted
+
+CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def seconds_per_step(run, shards: str, calibrate: int) -> float:
+    """Median seconds of `calibrate` training steps of this arm (after one untimed step), in a scratch folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(run, Path(tmp), CPU)
+        source = training_source(run.dataset, run.train, shards)
+        trainer.one_step(source)
+        times = []
+        for _ in range(calibrate):
+            t0 = time.perf_counter()
+            trainer.one_step(source)
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def with_sample_settings(run, over: dict):
+    """The run with dotted keys of its `sample` section set (e.g. {'sampler': 'ddim', 'steps': 250})."""
+    if not over:
+        return run
+    sample_cfg = dataclasses.asdict(run.sample)
+    sample_cfg = set_dotted({"s": sample_cfg}, {f"s.{k.removeprefix('sample.')}": v for k, v in over.items()})["s"]
+    sample_cfg["schedule"] = type(run.sample.schedule)(**sample_cfg["schedule"])
+    return dataclasses.replace(run, sample=type(run.sample)(**sample_cfg))
+
+
+def draw(model, run, n: int, batch: int) -> np.ndarray:
+    """n uint8 NHWC samples from seeds sample.seed .. + n - 1, in the run's precision."""
+    cfg = model.cfg
+    out = []
+    for start in range(0, n, batch):
+        seeds = [run.sample.seed + i for i in range(start, min(start + batch, n))]
+        with autocast(run.train.precision, CPU.device):
+            x = sample(model, (cfg.channels, *cfg.data_shape), seeds, run.sample, run.diffusion.prediction)
+        out.append(to_uint8_nhwc(x))
+    return np.concatenate(out)
+
+
+def score(images: np.ndarray, run, ref_feats: np.ndarray, real: np.ndarray | None, net, patch) -> dict:
+    feats, _ = timed_features(images, net, desc=f"features {run.name}")
+    fid = sample_fid(feats, ref_feats)
+    return {"fid": fid.fid, "fid_method": fid.method, **kernel_distance_fields("kid", feats, ref_feats, run),
+            **seam_fields(images, real, patch), "num_samples": len(feats), "num_reference": len(ref_feats)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run")
+    p.add_argument("--arm", action="append", required=True, help="NAME or NAME=key=value,... (dotted, in the run)")
+    p.add_argument("--sampler", action="append", default=None,
+                   help="NAME or NAME=key=value,... of the run's sample section (default: the run's own, 'base')")
+    p.add_argument("--minutes", type=float, help="training wall time per arm (equal time); else --steps")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per arm when --minutes is not given")
+    p.add_argument("--calibrate", type=int, default=20, help="timed steps that set an arm's steps for --minutes")
+    p.add_argument("--samples", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=256, help="sampling batch")
+    p.add_argument("--images", type=int, default=256, help="test images per noise level of the test loss")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--shards", required=True, help="the run's shard folder (data/shards/<dataset>)")
+    p.add_argument("--refstats", required=True, help="the dataset's refstats npz (data/refstats/<dataset>.npz)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    raw = yaml.safe_load(Path(args.params).read_text())
+    arms = [parse_arm(a) for a in args.arm]
+    samplers = [parse_arm(s) for s in (args.sampler or ["base"])]
+    rows, net, test_images = [], None, None
+    for name, over in arms:
+        run = arm_run(raw, args.run, over, args.steps)
+        if run.model.class_conditional or run.diffusion.context_frames or run.train.expert is not None:
+            raise SystemExit(f"{args.run}: only unconditional image runs are supported here")
+        step_s = None
+        if args.minutes is not None and "train.steps" not in over:
+            step_s = seconds_per_step(run, args.shards, args.calibrate)
+            run = arm_run(raw, args.run, over | {"train.steps": max(1, int(args.minutes * 60 / step_s))}, args.steps)
+        if net is None:
+            net = feature_network_for(run.dataset)
+            ref_feats = load_reference_features(Path(args.refstats), run)
+            real, _, _ = reference_extras(Path(args.refstats), run)
+            test_images = from_uint8(read_split(run.dataset, args.shards, "test", limit=args.images)[0])
+        patch = list(resolve_model(run).patch) if run.model.family == "rin" else None
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(run, Path(tmp), CPU)
+            start = time.perf_counter()
+            result = trainer.fit(training_source(run.dataset, run.train, args.shards))
+            train_s = time.perf_counter() - start
+            model = trainer.ema.module.eval()
+            losses = test_loss(model, run, test_images, GAMMAS)
+            scored = {}
+            for s_name, s_over in samplers:
+                s_run = with_sample_settings(run, s_over)
+                t0 = time.perf_counter()
+                images = draw(model, s_run, args.samples, args.batch)
+                scored[s_name] = {"overrides": s_over, "sampler": s_run.sample.sampler, "steps": s_run.sample.steps,
+                                  "sampling_seconds": time.perf_counter() - t0,
+                                  **score(images, s_run, ref_feats, real, net, patch)}
+        row = {"arm": name, "overrides": over, "train_steps": run.train.steps, "seconds_per_step": step_s,
+               "train_seconds": train_s, "images_per_s": result.images_per_s, "final_train_loss": result.final_loss,
+               "test_loss": losses, "test_loss_mean": sum(losses.values()) / len(losses), "samplers": scored}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    extractor, network, sha = feature_space(run.dataset)
+    report = {
+        "run": args.run, "command": "python -m benchmarks.ab_quality " + " ".join(argv or []),
+        "budget": {"minutes": args.minutes} if args.minutes is not None else {"steps": args.steps},
+        "metric": f"KID and FID of {args.samples} EMA samples (seeds {run.sample.seed}..) against "
+                  f"{len(ref_feats)} {run.eval.reference_split} images ({network}, sha256 {sha[:12]}); seam ratio "
+                  "beside real images'; test loss as benchmarks/ab_loss.py (a proxy)",
+        "threads": args.threads, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "arms": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
