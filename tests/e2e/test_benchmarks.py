@@ -58,3 +58,19 @@ def test_a_repeated_arm_scores_the_same_and_a_changed_one_differs(tmp_path, fash
     assert arms["a"]["test_loss"] == arms["again"]["test_loss"]
     assert arms["a"]["test_loss"] != arms["lr"]["test_loss"]
     assert set(arms["a"]["test_loss"]) == {"0.99", "0.9", "0.5", "0.1", "0.01"} and arms["lr"]["steps"] == 3
+
+
+def test_a_quality_ab_sampler_variant_sets_only_its_keys():
+    """benchmarks/ab_quality.py: a sampler variant is dotted keys of the run's sample section, applied over the rest
+    (nested keys too), and an unknown key is refused rather than ignored."""
+    from benchmarks.ab_quality import with_sample_settings
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    run = arm_run(raw, "rin_fmnist", {}, 10)
+    assert with_sample_settings(run, {}) is run
+    ddim = with_sample_settings(run, {"sample.sampler": "ddim", "steps": 250, "schedule.tau": 0.5})
+    assert (ddim.sample.sampler, ddim.sample.steps, ddim.sample.schedule.tau) == ("ddim", 250, 0.5)
+    assert dataclasses.replace(ddim.sample, sampler=run.sample.sampler, steps=run.sample.steps,
+                               schedule=run.sample.schedule) == run.sample
+    with pytest.raises(TypeError):
+        with_sample_settings(run, {"sample.samplr": "ddim"})
