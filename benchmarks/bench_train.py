@@ -1,7 +1,7 @@
 """Training and sampling throughput of a RIN preset on this machine: images/s and achieved GFLOP/s, fp32 vs bf16
 autocast, per batch size; the extra cost of latent self-conditioning in training and at sampling.
 
-    python benchmarks/bench_train.py --preset rin_cifar10 --batch 16 64 --out benchmarks/results/train.json
+    python -m benchmarks.bench_train --preset rin_cifar10 --batch 16 64 --out benchmarks/results/train.json
 """
 
 from __future__ import annotations
@@ -11,38 +11,14 @@ import dataclasses
 import json
 import platform
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from diffusion.config import ScheduleConfig
+from benchmarks.peers import main_train_step, precision_ctx
 from diffusion.flops import count_flops
-from diffusion.objectives import NoiseDraw, diffusion_loss
-from diffusion.schedules import Schedule
 from rin.model import RIN
 from rin.presets import PRESETS
-
-SCHEDULE = Schedule(ScheduleConfig("sigmoid", -3.0, 3.0, 0.9))
-
-
-def _ctx(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def make_step(model: RIN, opt: torch.optim.Optimizer, batch: int, rate: float, precision: str):
-    shape = (batch, model.cfg.channels, *model.cfg.data_shape)
-    x0 = torch.rand(shape) * 2 - 1
-    noise = NoiseDraw.draw(torch.Generator().manual_seed(0), shape)
-
-    def step() -> None:
-        with _ctx(precision):
-            loss = diffusion_loss(model, x0, None, SCHEDULE, "eps", rate, noise).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def timed(fn, warmup: int, repeats: int, budget_s: float) -> float:
@@ -67,8 +43,7 @@ def bench_training(preset: str, batches: list[int], args) -> list[dict]:
             for batch in batches:
                 torch.manual_seed(0)
                 model = RIN(cfg).train()
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-                step = make_step(model, opt, batch, rate, precision)
+                step = main_train_step(model, batch, rate, precision)
                 sec = timed(step, args.warmup, args.repeats, args.budget)
                 row = {"preset": preset, "self_cond_rate": rate, "precision": precision, "batch": batch,
                        "seconds_per_step": sec, "images_per_s": batch / sec}
@@ -79,7 +54,7 @@ def bench_training(preset: str, batches: list[int], args) -> list[dict]:
         cfg = dataclasses.replace(PRESETS[preset], self_cond=row["self_cond_rate"] > 0, dropout=0.0)
         model = RIN(cfg).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        flops, _ = count_flops(make_step(model, opt, row["batch"], row["self_cond_rate"], "fp32"))
+        flops, _ = count_flops(main_train_step(model, row["batch"], row["self_cond_rate"], "fp32", opt))
         row["gflop_per_step"] = flops / 1e9
         row["achieved_gflop_per_s"] = flops / 1e9 / row["seconds_per_step"]
     return rows
@@ -96,7 +71,7 @@ def bench_sampling_call(preset: str, batch: int, args) -> list[dict]:
         prev = torch.randn(batch, cfg.num_latents, cfg.latent_dim) if self_cond else None
         for precision in ("fp32", "bf16"):
             def call(model=model, x=x, gamma=gamma, prev=prev, precision=precision):
-                with torch.no_grad(), _ctx(precision):
+                with torch.no_grad(), precision_ctx(precision):
                     model(x, gamma, None, prev)
 
             sec = timed(call, args.warmup, args.repeats, args.budget)

@@ -54,10 +54,12 @@ def peer_rin_like(model: torch.nn.Module) -> torch.nn.Module:
                    num_latents=c.num_latents)
 
 
-def main_train_step(model, batch: int, rate: float, precision: str, lr: float = 1e-4) -> Step:
-    """One training step as the trainer takes it: self-conditioned loss, backward, AdamW."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    shape = (batch, model.cfg.channels, *model.cfg.data_shape)
+def loss_step(denoiser, model: torch.nn.Module, shape: tuple[int, ...], rate: float, precision: str,
+              opt: torch.optim.Optimizer | None = None, lr: float = 1e-4) -> Step:
+    """One training step of `denoiser` (a Denoiser over `model`'s weights) as the trainer takes it: the eps loss
+    (diffusion.objectives, self-conditioned at `rate`) on a fixed synthetic batch with fresh noise, backward, and
+    `opt` (default AdamW)."""
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=lr)
     x0 = torch.rand(shape) * 2 - 1
     gen = torch.Generator().manual_seed(0)
     model.train()
@@ -65,12 +67,18 @@ def main_train_step(model, batch: int, rate: float, precision: str, lr: float = 
     def step() -> None:
         noise = NoiseDraw.draw(gen, shape)
         with precision_ctx(precision):
-            loss = diffusion_loss(model, x0, None, SCHEDULE, "eps", rate, noise).mean()
+            loss = diffusion_loss(denoiser, x0, None, SCHEDULE, "eps", rate, noise).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     return step
+
+
+def main_train_step(model, batch: int, rate: float, precision: str,
+                    opt: torch.optim.Optimizer | None = None) -> Step:
+    """This project's RIN: self-conditioned loss, backward, `opt` (default AdamW)."""
+    return loss_step(model, model, (batch, model.cfg.channels, *model.cfg.data_shape), rate, precision, opt)
 
 
 def peer_train_step(peer, batch: int, precision: str, lr: float = 1e-4) -> Step:
@@ -161,24 +169,9 @@ def _unet_shape(model, kind: str, batch: int) -> tuple[int, ...]:
     return (batch, model.config.in_channels, model.config.sample_size, model.config.sample_size)
 
 
-def unet_train_step(model, batch: int, precision: str, kind: str, lr: float = 1e-4) -> Step:
+def unet_train_step(model, batch: int, precision: str, kind: str) -> Step:
     """eps-prediction loss (diffusion.objectives), backward, AdamW: the same step for either U-Net."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    shape = _unet_shape(model, kind, batch)
-    x0 = torch.rand(shape) * 2 - 1
-    gen = torch.Generator().manual_seed(0)
-    net = _as_denoiser(model, kind)
-    model.train()
-
-    def step() -> None:
-        noise = NoiseDraw.draw(gen, shape)
-        with precision_ctx(precision):
-            loss = diffusion_loss(net, x0, None, SCHEDULE, "eps", 0.0, noise).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return loss_step(_as_denoiser(model, kind), model, _unet_shape(model, kind, batch), 0.0, precision)
 
 
 def unet_call(model, batch: int, precision: str, kind: str) -> Step:

@@ -215,19 +215,18 @@ def compile_arms(params: str, runs: list[str], batch: int) -> list[Arm]:
     """train.compile "on" against eager: rin_cifar10's bf16 step and the CPU runs' trainer steps, each with its
     compile time (the first call) recorded."""
     arms = []
-    steps = [("rin_cifar10_bf16", lambda m: peers.main_train_step(m, batch, 0.9, "bf16"), batch)]
     for compiled in (False, True):
         torch.manual_seed(0)
         model = peers.main_rin("rin_cifar10", self_cond=True)
         net = torch.compile(model) if compiled else model
         net.cfg = model.cfg
-        arms.append(Arm(f"rin_cifar10_bf16_{'compiled' if compiled else 'eager'}", steps[0][1](net), batch,
-                        "compile_rin_cifar10_bf16"))
+        arms.append(Arm(f"rin_cifar10_bf16_{'compiled' if compiled else 'eager'}",
+                        peers.main_train_step(net, batch, 0.9, "bf16"), batch, "compile_rin_cifar10_bf16"))
     for name in runs:
         for compiled in (False, True):
             fn, b = run_step(params, name, old=False, compiled=compiled)
             arms.append(Arm(f"{name}_{'compiled' if compiled else 'eager'}", fn, b, f"compile_{name}"))
-    for arm in arms:  # the compile happens in the first call: time it here, outside the rounds
+    for arm in tqdm(arms, desc="first calls (compiling)", leave=False):  # outside the rounds: the compile is here
         t0 = time.perf_counter()
         arm.run()
         arm.first_call_s = time.perf_counter() - t0
