@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from benchmarks.ab_loss import GAMMAS, arm_run, parse_arm, test_loss
 from data.batches import read_split, training_source
+from diffusion.config import ConfigError
 from diffusion.distributed import Dist, autocast
 from diffusion.images import from_uint8, to_uint8_nhwc
 from diffusion.metrics.features import feature_network_for, feature_space, timed_features
@@ -45,7 +47,7 @@ from diffusion.stages.evaluate import (
     seam_fields,
 )
 from diffusion.trainer import Trainer
-from diffusion.typed import set_dotted
+from diffusion.typed import build_dataclass, set_dotted
 
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -65,20 +67,21 @@ def seconds_per_step(run, shards: str, calibrate: int) -> float:
 
 
 def with_sample_settings(run, over: dict):
-    """The run with dotted keys of its `sample` section set (e.g. {'sampler': 'ddim', 'steps': 250})."""
+    """The run with dotted keys of its `sample` section set (e.g. {'sampler': 'ddim', 'steps': 250}), checked as
+    params.yaml is: an unknown key or a bad value is a ConfigError naming it."""
     if not over:
         return run
-    sample_cfg = dataclasses.asdict(run.sample)
-    sample_cfg = set_dotted({"s": sample_cfg}, {f"s.{k.removeprefix('sample.')}": v for k, v in over.items()})["s"]
-    sample_cfg["schedule"] = type(run.sample.schedule)(**sample_cfg["schedule"])
-    return dataclasses.replace(run, sample=type(run.sample)(**sample_cfg))
+    keys = {f"sample.{k.removeprefix('sample.')}": v for k, v in over.items()}
+    raw = set_dotted({"sample": dataclasses.asdict(run.sample)}, keys)["sample"]
+    return dataclasses.replace(run, sample=build_dataclass(type(run.sample), raw, f"{run.params_key}.sample"))
 
 
 def draw(model, run, n: int, batch: int) -> np.ndarray:
     """n uint8 NHWC samples from seeds sample.seed .. + n - 1, in the run's precision."""
     cfg = model.cfg
     out = []
-    for start in range(0, n, batch):
+    for start in tqdm(range(0, n, batch), desc=f"sample {run.name} ({run.sample.sampler}, {run.sample.steps} steps)",
+                      leave=False):
         seeds = [run.sample.seed + i for i in range(start, min(start + batch, n))]
         with autocast(run.train.precision, CPU.device):
             x = sample(model, (cfg.channels, *cfg.data_shape), seeds, run.sample, run.diffusion.prediction)
@@ -115,6 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     raw = yaml.safe_load(Path(args.params).read_text())
     arms = [parse_arm(a) for a in args.arm]
     samplers = [parse_arm(s) for s in (args.sampler or ["base"])]
+    probe = arm_run(raw, args.run, {}, args.steps)
+    for s_name, s_over in samplers:  # refuse a bad --sampler before any arm trains
+        try:
+            with_sample_settings(probe, s_over)
+        except ConfigError as err:
+            raise SystemExit(f"--sampler {s_name}: {err}") from None
     rows, net, test_images = [], None, None
     for name, over in arms:
         run = arm_run(raw, args.run, over, args.steps)

@@ -62,8 +62,9 @@ def test_a_repeated_arm_scores_the_same_and_a_changed_one_differs(tmp_path, fash
 
 def test_a_quality_ab_sampler_variant_sets_only_its_keys():
     """benchmarks/ab_quality.py: a sampler variant is dotted keys of the run's sample section, applied over the rest
-    (nested keys too), and an unknown key is refused rather than ignored."""
+    (nested keys too), and an unknown key is refused by its path rather than ignored."""
     from benchmarks.ab_quality import with_sample_settings
+    from diffusion.config import ConfigError
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     run = arm_run(raw, "rin_fmnist", {}, 10)
@@ -72,5 +73,7 @@ def test_a_quality_ab_sampler_variant_sets_only_its_keys():
     assert (ddim.sample.sampler, ddim.sample.steps, ddim.sample.schedule.tau) == ("ddim", 250, 0.5)
     assert dataclasses.replace(ddim.sample, sampler=run.sample.sampler, steps=run.sample.steps,
                                schedule=run.sample.schedule) == run.sample
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match=r"unknown key runs\.rin_fmnist\.sample\.samplr"):
         with_sample_settings(run, {"sample.samplr": "ddim"})
+    with pytest.raises(ConfigError, match=r"runs\.rin_fmnist\.sample\.steps"):
+        with_sample_settings(run, {"steps": 0})
