@@ -80,6 +80,7 @@ class Arm:
     old: bool = False  # run under old_path()
     gflop: float | None = None
     first_call_s: float | None = None  # compiled arms: the call that compiles
+    count: bool = True  # count the arm's FLOPs (not for the compile and kernel arms)
     seconds: list[float] = dataclasses.field(default_factory=list)
 
     def run(self) -> None:
@@ -221,15 +222,47 @@ def compile_arms(params: str, runs: list[str], batch: int) -> list[Arm]:
         net = torch.compile(model) if compiled else model
         net.cfg = model.cfg
         arms.append(Arm(f"rin_cifar10_bf16_{'compiled' if compiled else 'eager'}",
-                        peers.main_train_step(net, batch, 0.9, "bf16"), batch, "compile_rin_cifar10_bf16"))
+                        peers.main_train_step(net, batch, 0.9, "bf16"), batch, "compile_rin_cifar10_bf16",
+                        count=False))
     for name in runs:
         for compiled in (False, True):
             fn, b = run_step(params, name, old=False, compiled=compiled)
-            arms.append(Arm(f"{name}_{'compiled' if compiled else 'eager'}", fn, b, f"compile_{name}"))
+            arms.append(Arm(f"{name}_{'compiled' if compiled else 'eager'}", fn, b, f"compile_{name}", count=False))
     for arm in tqdm(arms, desc="first calls (compiling)", leave=False):  # outside the rounds: the compile is here
         t0 = time.perf_counter()
         arm.run()
         arm.first_call_s = time.perf_counter() - t0
+    return arms
+
+
+def kernel_arms() -> list[Arm]:
+    """The single changes, each old against new on its own: attention at RIN's self-attention shape (bf16, forward
+    and backward, SDPA against the matmul path), AdamW's per-tensor loop against the fused kernel (rin_cifar10's
+    190 tensors) and the video run's depthwise token convolution in bf16 against fp32 (forward and backward)."""
+    from diffusion.layers import attend
+    from diffusion.optim import param_groups as groups
+
+    arms = []
+    q, k, v = (torch.randn(16, 16, 128, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    for backend in ("sdpa", "matmul"):
+        def attn(backend=backend) -> None:
+            with attention_backend(backend):
+                attend(q, k, v).float().sum().backward()
+        arms.append(Arm(f"attention_bf16_{backend}", attn, 16, "kernel_attention", count=False))
+    model = peers.main_rin("rin_cifar10", self_cond=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    for name, kw in (("loop", {"foreach": False}), ("fused", {"fused": True})):
+        opt = torch.optim.AdamW(groups(model, 0.01), lr=1e-6, **kw)
+        arms.append(Arm(f"adamw_{name}", opt.step, 1, "kernel_adamw", count=False))
+    conv = torch.nn.Conv3d(128, 128, 3, padding=1, groups=128)
+    x = torch.randn(16, 8, 8, 8, 128).permute(0, 4, 1, 2, 3).requires_grad_()  # channels-last, as TokenConv's view
+    for name, ctx in (("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16)), ("fp32", nullcontext)):
+        def dwconv(ctx=ctx) -> None:
+            with ctx():
+                y = conv(x)
+            y.float().sum().backward()
+        arms.append(Arm(f"token_conv_{name}", dwconv, 16, "kernel_token_conv", count=False))
     return arms
 
 
@@ -252,8 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=3, help="timed calls per arm and round (median)")
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
-    ap.add_argument("--parts", nargs="+", default=["rin", "unet", "cpu_runs", "compile"],
-                    choices=["rin", "unet", "cpu_runs", "compile"])
+    ap.add_argument("--parts", nargs="+", default=["rin", "unet", "cpu_runs", "compile", "kernels"],
+                    choices=["rin", "unet", "cpu_runs", "compile", "kernels"])
     ap.add_argument("--rin-batch", type=int, default=16)
     ap.add_argument("--unet-batch", type=int, default=2)
     ap.add_argument("--unet-preset", default="ldm_s")
@@ -273,8 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         arms += cpu_run_arms(args.params, args.runs)
     if "compile" in args.parts:
         arms += compile_arms(args.params, args.runs, args.rin_batch)
+    if "kernels" in args.parts:
+        arms += kernel_arms()
     for arm in tqdm(arms, desc="counting FLOPs", leave=False):  # on the fp32 twin: same count in bf16
-        if arm.gflop is None and not arm.name.startswith("ceiling") and arm.first_call_s is None:  # not compile arms
+        if arm.gflop is None and arm.count:
             with attention_backend("sdpa"):
                 arm.gflop = gflop_of(arm.fn)
     for _ in tqdm(range(args.rounds), desc="rounds"):
@@ -292,6 +327,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in (["rin_cifar10_bf16", *args.runs] if "compile" in args.parts else []):
             eager, comp = by_name[f"{name}_eager"].seconds[r], by_name[f"{name}_compiled"].seconds[r]
             ratios[f"{name}: compiled / eager"] = round(eager / comp, 3)
+        if "kernels" in args.parts:
+            for label, old, new in (("attention bf16: matmul / sdpa", "attention_bf16_sdpa", "attention_bf16_matmul"),
+                                    ("adamw: fused / loop", "adamw_loop", "adamw_fused"),
+                                    ("token conv: fp32 / bf16", "token_conv_bf16", "token_conv_fp32")):
+                ratios[label] = round(by_name[old].seconds[r] / by_name[new].seconds[r], 3)
         rounds.append(ratios)
     ceiling = statistics.median(by_name["ceiling_matmul_bfloat16"].gflop / s
                                 for s in by_name["ceiling_matmul_bfloat16"].seconds)
