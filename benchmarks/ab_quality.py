@@ -10,6 +10,9 @@ per-noise-level test loss of benchmarks/ab_loss.py.
         --sampler base --sampler ddim=sample.sampler=ddim \
         --out benchmarks/results/ab_quality_rin_fmnist.json
 
+The file is rewritten after every arm, and a rerun with the same run, budget, samples and samplers keeps the arms it
+already holds (same name and overrides), so a killed invocation resumes at the arm it was in.
+
 Equal wall time: each arm first times --calibrate steps of its own training, then trains
 minutes * 60 / (seconds per step) steps (its own LR schedule over them). Sampler variants are dotted keys of the
 run's `sample` section, applied to the trained weights of every arm. KID and FID at N samples are comparable only
@@ -22,6 +25,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,6 +40,7 @@ from data.batches import read_split, training_source
 from diffusion.config import ConfigError
 from diffusion.distributed import Dist, autocast
 from diffusion.images import from_uint8, to_uint8_nhwc
+from diffusion.io import write_json
 from diffusion.metrics.features import feature_network_for, feature_space, timed_features
 from diffusion.registry import resolve_model
 from diffusion.sampling import sample
@@ -102,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arm", action="append", required=True, help="NAME or NAME=key=value,... (dotted, in the run)")
     p.add_argument("--sampler", action="append", default=None,
                    help="NAME or NAME=key=value,... of the run's sample section (default: the run's own, 'base')")
+    p.add_argument("--sampler-arm", action="append", default=None, dest="sampler_arms",
+                   help="an arm that gets every --sampler variant (repeatable); the others get only the first one. "
+                        "Default: every arm gets every variant")
     p.add_argument("--minutes", type=float, help="training wall time per arm (equal time); else --steps")
     p.add_argument("--steps", type=int, default=1000, help="training steps per arm when --minutes is not given")
     p.add_argument("--calibrate", type=int, default=20, help="timed steps that set an arm's steps for --minutes")
@@ -124,8 +132,20 @@ def main(argv: list[str] | None = None) -> None:
             with_sample_settings(probe, s_over)
         except ConfigError as err:
             raise SystemExit(f"--sampler {s_name}: {err}") from None
+    names = [a for a, _ in arms]
+    unknown = sorted(set(args.sampler_arms or []) - set(names))
+    if unknown:
+        raise SystemExit(f"--sampler-arm {', '.join(unknown)}: not among the --arm names {names}")
+    budget = {"minutes": args.minutes} if args.minutes is not None else {"steps": args.steps}
+    done = previous_rows(args.out, args.run, budget, args.samples)
     rows, net, test_images = [], None, None
     for name, over in arms:
+        arm_samplers = samplers if args.sampler_arms is None or name in args.sampler_arms else samplers[:1]
+        old = done.get(name)
+        if old is not None and old["overrides"] == over and list(old["samplers"]) == [s for s, _ in arm_samplers]:
+            print(f"{name}: kept from {args.out}", flush=True)
+            rows.append(old)
+            continue
         run = arm_run(raw, args.run, over, args.steps)
         if run.model.class_conditional or run.diffusion.context_frames or run.train.expert is not None:
             raise SystemExit(f"{args.run}: only unconditional image runs are supported here")
@@ -147,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             model = trainer.ema.module.eval()
             losses = test_loss(model, run, test_images, GAMMAS)
             scored = {}
-            for s_name, s_over in samplers:
+            for s_name, s_over in arm_samplers:
                 s_run = with_sample_settings(run, s_over)
                 t0 = time.perf_counter()
                 images = draw(model, s_run, args.samples, args.batch)
@@ -159,19 +179,33 @@ def main(argv: list[str] | None = None) -> None:
                "test_loss": losses, "test_loss_mean": sum(losses.values()) / len(losses), "samplers": scored}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    extractor, network, sha = feature_space(run.dataset)
-    report = {
-        "run": args.run, "command": "python -m benchmarks.ab_quality " + " ".join(argv or []),
-        "budget": {"minutes": args.minutes} if args.minutes is not None else {"steps": args.steps},
+        write_json(args.out, report(args, argv, probe, budget, rows))
+    write_json(args.out, report(args, argv, probe, budget, rows))
+    print(f"-> {args.out}")
+
+
+def report(args, argv, run, budget: dict, rows: list[dict]) -> dict:
+    _, network, sha = feature_space(run.dataset)
+    return {
+        "run": args.run, "budget": budget,
+        "command": "python -m benchmarks.ab_quality " + " ".join(sys.argv[1:] if argv is None else argv),
+        "num_samples": args.samples,
         "metric": f"KID and FID of {args.samples} EMA samples (seeds {run.sample.seed}..) against "
-                  f"{len(ref_feats)} {run.eval.reference_split} images ({network}, sha256 {sha[:12]}); seam ratio "
-                  "beside real images'; test loss as benchmarks/ab_loss.py (a proxy)",
+                  f"{run.eval.num_reference} {run.eval.reference_split} images ({network}, sha256 {sha[:12]}); seam "
+                  "ratio beside real images'; test loss as benchmarks/ab_loss.py (a proxy)",
         "threads": args.threads, "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "arms": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"-> {args.out}")
+
+
+def previous_rows(out: Path, run: str, budget: dict, samples: int) -> dict[str, dict]:
+    """The arms of an earlier invocation's file with the same run, budget and sample count, by name."""
+    if not out.exists():
+        return {}
+    old = json.loads(out.read_text())
+    if (old.get("run"), old.get("budget"), old.get("num_samples")) != (run, budget, samples):
+        return {}
+    return {row["arm"]: row for row in old.get("arms", [])}
 
 
 if __name__ == "__main__":

@@ -103,6 +103,16 @@ class ExpertConfig:
 
 
 @dataclass(frozen=True)
+class ProxyConfig:
+    """Sample quality during training, a proxy of the final evaluation: KID of `num_samples` EMA samples (the run's
+    sampler at `steps` steps) against the run's reference features, every `every` steps and at the last step."""
+
+    every: int = bounded(ge=1)
+    num_samples: int = bounded(ge=4)
+    steps: int = bounded(ge=1, le=10000)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = bounded(ge=0, le=MAX_SEED)
     steps: int = bounded(ge=1)
@@ -129,6 +139,7 @@ class TrainConfig:
     data: Literal["memory", "stream"]  # memory: whole split in RAM, exact resume; stream: WebDataset shards
     num_workers: int = bounded(ge=0)  # DataLoader workers of the stream source
     sample_every: int = bounded(ge=0)  # a preview grid (EMA weights, 16 images) every N steps; 0 disables
+    proxy: ProxyConfig | None  # proxy KID curve during training (image runs of `runs`); null: none. Not fingerprinted
     expert: ExpertConfig | None  # MEME: the expert's time interval (section `experts` only); null: t ~ U(0, 1)
 
 
@@ -329,6 +340,10 @@ def check_role(run: RunConfig) -> None:
     if run.section != "ensembles" and run.model.experts:
         raise ConfigError(f"params.yaml: {key}.model.experts is set: a multi-expert run trains nothing itself and "
                           "belongs under `ensembles:`")
+    if run.train.proxy is not None and (run.section != "runs" or run.diffusion.context_frames):
+        what = "an expert samples only through its ensemble" if run.section != "runs" else \
+            "a run that predicts from context frames needs its clips' features (KVD), which the proxy does not draw"
+        raise ConfigError(f"params.yaml: {key}.train.proxy is set, but {what}; set it to null")
 
 
 def attach_experts(runs: dict[str, RunConfig]) -> dict[str, RunConfig]:

@@ -14,6 +14,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffusion import registry
+from diffusion.config import RunConfig
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -92,3 +95,16 @@ def step_cost(build: Callable[[], nn.Module], data_shape: tuple[int, ...], chann
     train_flops, _ = count_flops(forward_backward)
     activations = sum(t.numel() * t.element_size() for t in saved.values())
     return StepCost(count_params(model), forward_flops, train_flops, activations)
+
+
+def run_cost(run: RunConfig) -> StepCost:
+    """`step_cost` of a run's model (counted on the meta device)."""
+    cfg = registry.resolve_model(run)
+    return step_cost(lambda: registry.build(run.model.family, cfg), cfg.data_shape, cfg.channels, cfg.num_classes)
+
+
+def train_flops_per_example(run: RunConfig, cost: StepCost | None = None) -> int:
+    """Training FLOPs of one example: forward + backward, plus the no-grad first pass when the run self-conditions
+    (counted as a full forward). A latent run's autoencoder and the optimiser are not counted."""
+    cost = cost or run_cost(run)
+    return cost.train_flops + (cost.forward_flops if run.train.self_cond_rate > 0 else 0)

@@ -46,6 +46,14 @@ def step_ddim(x0: Tensor, eps: Tensor, g_now: Tensor, g_next: Tensor, noise: Ten
 
 
 @torch.no_grad()
+def sample_labels(seeds: Sequence[int], num_classes: int) -> Tensor | None:
+    """Class of image i: drawn from its own seed, so labels are balanced in expectation and batch-independent."""
+    if not num_classes:
+        return None
+    return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(s + (1 << 40))))
+                         for s in seeds])
+
+
 def sample(
     denoiser: Denoiser,
     shape: Sequence[int],

@@ -12,7 +12,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -27,12 +28,13 @@ from diffusion import checkpoint
 from diffusion.config import RunConfig
 from diffusion.distributed import Dist, autocast, barrier, reduce_step, use_compile
 from diffusion.errors import Stopped, UserError
+from diffusion.flops import train_flops_per_example
 from diffusion.images import grid, to_uint8_nhwc, video_grid
 from diffusion.io import fingerprint, move_aside, write_text
 from diffusion.objectives import NoiseDraw, diffusion_loss
 from diffusion.optim import lr_factor, make_optimizer
 from diffusion.registry import build_model, resolve_model
-from diffusion.sampling import sample
+from diffusion.sampling import sample, sample_labels
 from diffusion.schedules import Schedule
 from diffusion.timesteps import time_sampler
 
@@ -66,12 +68,17 @@ class TrainResult:
     final_loss: float  # mean of the last `log_every` losses
     images_per_s: float  # global throughput over all sessions of this run (a resumed run counts its earlier ones)
     history: list[dict]
+    proxy: list[dict] = field(default_factory=list)  # proxy quality rows (step, images_seen, train_pflop, kid, ...)
+
+
+# A proxy metric of sample quality: uint8 NHWC samples -> {"kid": ..., "kid_std": ..., ...} (the train stage's KID)
+ProxyScore = Callable[[np.ndarray], dict]
 
 
 # Settings that do not change what a run computes, left out of its training fingerprint: where the raw data lives and
 # how it is fetched or how bad inputs are handled (the shards are what training reads), and logging intervals.
 UNFINGERPRINTED = {"dataset": ("root", "download", "skip_corrupt"),
-                   "train": ("log_every", "checkpoint_every", "sample_every", "num_workers", "compile")}
+                   "train": ("log_every", "checkpoint_every", "sample_every", "num_workers", "compile", "proxy")}
 
 
 def training_settings(run: RunConfig, first_stage_sha256: str | None = None) -> dict:
@@ -174,9 +181,11 @@ class Trainer:
         self.draw_t = time_sampler(run.train.expert)
         self.step = 0
         self.history: list[dict] = []  # logged rows of every session, carried in the checkpoints
+        self.proxy_rows: list[dict] = []  # proxy quality points of every session, carried too
         self.window: list[float] = []  # losses since the last logged row, carried too (a resume may fall inside)
         self.train_seconds = 0.0  # training time of earlier sessions, carried in the checkpoints
         self.preview_context: Tensor | None = None
+        self.train_flops: int | None = None  # counted training FLOPs per example, on the first proxy point
         self.resumed_from: int | None = None  # set by the first `resume`
         self.stop_requested = False  # set by `request_stop` (a SIGTERM handler); fit stops at the next step
         self.stop_agreed = False  # some rank had stop_requested at the last step's all-reduce
@@ -214,6 +223,7 @@ class Trainer:
         checkpoint.load(path, self.model, self.ema, self.optimizer)
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.proxy_rows = list(state.get("proxy", []))
         self.window = list(state.get("window", []))
         self.train_seconds = float(state.get("train_seconds", 0.0))
         log.info("%s: resumed from %s", self.run.name, path)
@@ -223,7 +233,7 @@ class Trainer:
         if self.d.is_main:
             checkpoint.save(self.ckpt_dir, self.step, self.model, self.ema, self.optimizer,
                             extra={"run": self.run.name, "fingerprint": self.fingerprint, "settings": self.settings,
-                                   "history": self.history, "window": self.window,
+                                   "history": self.history, "proxy": self.proxy_rows, "window": self.window,
                                    "train_seconds": self.train_seconds + session_seconds})
 
     def set_lr(self) -> float:
@@ -273,7 +283,40 @@ class Trainer:
             image = grid(to_uint8_nhwc(x), ncols=8)  # (H, W, C)
         return image[..., 0] if image.shape[-1] == 1 else image
 
-    def fit(self, source: BatchSource, live=None) -> TrainResult:
+    @torch.no_grad()
+    def proxy_images(self) -> np.ndarray:
+        """train.proxy.num_samples EMA samples, uint8 NHWC, from seeds sample.seed.. (labels as the sample stage
+        draws them), with the run's sampler at the proxy's number of steps."""
+        run, cfg, n = self.run, self.model.cfg, self.run.train.proxy.num_samples
+        settings = replace(run.sample, steps=run.train.proxy.steps)
+        model, out = self.ema.module.eval(), []
+        for start in range(0, n, settings.batch_size):
+            seeds = [settings.seed + i for i in range(start, min(start + settings.batch_size, n))]
+            labels = sample_labels(seeds, cfg.num_classes)
+            with autocast(run.train.precision, self.d.device):
+                x = sample(model, (cfg.channels, *cfg.data_shape), seeds, settings, run.diffusion.prediction,
+                           labels=None if labels is None else labels.to(self.d.device), device=self.d.device)
+            if self.first_stage is not None:
+                x = self.first_stage.decode(x)
+            out.append(to_uint8_nhwc(x))
+        return np.concatenate(out)
+
+    def proxy_point(self, score: ProxyScore) -> dict:
+        """One point of the quality-against-compute curve: the proxy score of the EMA weights now, with the images
+        and counted training FLOPs that led here."""
+        if self.train_flops is None:
+            self.train_flops = train_flops_per_example(self.run)
+        p, t0 = self.run.train.proxy, time.perf_counter()
+        images = self.step * self.run.train.batch_size
+        row = {"step": self.step, "images_seen": images, "train_pflop": images * self.train_flops / 1e15,
+               **score(self.proxy_images()), "proxy_samples": p.num_samples, "proxy_sampler": self.run.sample.sampler,
+               "proxy_sampling_steps": p.steps}
+        row["proxy_seconds"] = time.perf_counter() - t0
+        return row
+
+    def fit(self, source: BatchSource, live=None, proxy: ProxyScore | None = None) -> TrainResult:
+        """Train to train.steps from the newest checkpoint. `proxy` (main rank): the score of train.proxy's points,
+        computed before the checkpoint of the same step, so a resumed run keeps every point it had."""
         t = self.run.train
         start_step = self.resume()
         history = self.history
@@ -295,6 +338,17 @@ class Trainer:
                         live.log_metric(f"train/{k}", row[k])
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
+            if t.proxy is not None and (self.step % t.proxy.every == 0 or self.step == t.steps):
+                if proxy is not None and self.d.is_main:
+                    row = self.proxy_point(proxy)
+                    self.proxy_rows.append(row)
+                    if live is not None:
+                        live.step = self.step
+                        live.log_metric("proxy/kid", row["kid"])
+                    if bar is not None:
+                        bar.write(f"{self.run.name} step {self.step}: proxy KID {row['kid']:.4f} +- "
+                                  f"{row['kid_std']:.4f} ({t.proxy.num_samples} samples, {row['proxy_seconds']:.0f} s)")
+                barrier(self.d)
             saved = self.step % t.checkpoint_every == 0 or self.step == t.steps
             if saved:
                 self.save(time.perf_counter() - t0)
@@ -312,7 +366,7 @@ class Trainer:
         elapsed = self.train_seconds + time.perf_counter() - t0
         ips = t.steps * t.batch_size / elapsed if elapsed > 0 else 0.0
         final = history[-1]["loss"] if history else float("nan")
-        return TrainResult(t.steps, start_step, final, ips, history)
+        return TrainResult(t.steps, start_step, final, ips, history, list(self.proxy_rows))
 
     def export(self, result: TrainResult) -> None:
         """Final weights beside the checkpoints: model.safetensors, ema.safetensors, train_log.json."""

@@ -6,11 +6,9 @@ al. 2018), KVD and the Inception Score from the Kinetics-400 I3D logits, as RIN 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from diffusion.metrics.inception_score import (
     inception_score,
     load_is_classifier,
 )
+from diffusion.stages.references import load_reference_features, open_npz
 
 log = logging.getLogger(__name__)
 
@@ -58,37 +57,6 @@ def reference_set(params: Params, run: RunConfig) -> ReferenceSet:
         raise ConfigError(f"params.yaml: {run.params_key}.eval.num_reference {run.eval.num_reference} exceeds "
                           f"{where}.num_images {ref.num_images}; lower the first or raise the second")
     return ref
-
-
-@contextlib.contextmanager
-def open_npz(path: Path, fix: str):
-    """np.load of a pickle-free npz; a file that is not one, or lacks an array read inside the block, is a DataError
-    naming it and `fix`."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            yield z
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not the npz this stage reads ({type(err).__name__}: {err}); re-create it: "
-                        f"{fix}") from None
-
-
-def load_reference_features(path: Path, run: RunConfig) -> np.ndarray:
-    """The first run.eval.num_reference cached features (N, D) float64, after checking what the file holds."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no cached reference features; run `dvc repro refstats@{run.dataset_name}`")
-    with open_npz(path, f"`dvc repro refstats@{run.dataset_name}`") as z:
-        meta = {k: z[k].item() for k in ("extractor", "dataset", "split", "resolution")}
-        feats = z["features"][: run.eval.num_reference].astype(np.float64)
-    expected = {"extractor": feature_space(run.dataset)[0], "dataset": run.dataset_name,
-                "split": run.eval.reference_split, "resolution": run.dataset.resolution}
-    for key, want in expected.items():
-        if meta[key] != want:
-            raise DataError(f"{path}: holds {key} {meta[key]!r}, run {run.name} needs {want!r}; delete the file and "
-                            f"run `dvc repro refstats@{run.dataset_name}`")
-    if len(feats) < run.eval.num_reference:
-        raise DataError(f"{path}: holds {len(feats)} images, {run.params_key}.eval.num_reference asks for "
-                        f"{run.eval.num_reference}; re-run refstats@{run.dataset_name}")
-    return feats
 
 
 def load_samples(path: Path, run: RunConfig) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from diffusion import registry
 from diffusion.args import parser
 from diffusion.config import ConfigError, Params, RunConfig, load_params
-from diffusion.flops import StepCost, step_cost
+from diffusion.flops import run_cost, train_flops_per_example
 
 STATE_BYTES = {"adamw": 8, "lamb": 8}  # optimiser state per parameter (two fp32 moments)
 WEIGHT_BYTES = 4 + 4 + 4  # fp32 weights, their gradient and the EMA copy, per parameter
@@ -42,11 +42,6 @@ def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def _cost(run: RunConfig) -> StepCost:
-    cfg = registry.resolve_model(run)
-    return step_cost(lambda: registry.build(run.model.family, cfg), cfg.data_shape, cfg.channels, cfg.num_classes)
-
-
 def plan(params: Params, run: RunConfig, gpus: int, tflops: float) -> Plan:
     """Count a run (an ensemble: its experts) and turn the counts into hours on `gpus` devices at `tflops` each."""
     if gpus < 1 or tflops <= 0:
@@ -56,9 +51,9 @@ def plan(params: Params, run: RunConfig, gpus: int, tflops: float) -> Plan:
     train_flops, memory, act_max, params_total = 0.0, 0.0, 0.0, 0
     forward = []
     for r in trained:
-        cost = _cost(r)
-        sc = cost.forward_flops if r.train.self_cond_rate > 0 else 0
-        per_example = cost.train_flops + sc
+        cost = run_cost(r)
+        per_example = train_flops_per_example(r, cost)
+        sc = per_example - cost.train_flops
         total = per_example * r.train.batch_size * r.train.steps
         train_flops += total
         params_total += cost.params

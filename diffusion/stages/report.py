@@ -151,6 +151,7 @@ class RunResult:
     missing: tuple[str, ...]
     section: str = "runs"  # its params.yaml section (runs, experts, ensembles): which dvc.yaml stages wrote it
     eval_file: Path | None = None  # the eval/metrics.json read, whose md5 dvc.lock records
+    proxy: tuple[dict[str, Any], ...] = ()  # train_log.json proxy rows (step, images_seen, train_pflop, kid, ...)
 
 
 def _read_json(path: Path) -> Any:
@@ -184,10 +185,10 @@ def load_run(run_dir: Path | None, name: str, section: str = "runs") -> RunResul
     missing = tuple(f"{key}: {shown[key]} not found (`dvc repro {stage[key]}@{name}`)"
                     for key, path in paths.items() if not path.exists())
     found = {key: path for key, path in paths.items() if path.exists()}
-    log = _read_json(found["log"]).get("history", []) if "log" in found else []
+    log = _read_json(found["log"]) if "log" in found else {}
     return RunResult(name, _read_json(found["eval"]) if "eval" in found else None,
-                     _read_json(found["train"]) if "train" in found else None, log, found.get("grid"), missing,
-                     section, found.get("eval"))
+                     _read_json(found["train"]) if "train" in found else None, log.get("history", []),
+                     found.get("grid"), missing, section, found.get("eval"), tuple(log.get("proxy", [])))
 
 
 def load_ensemble(run_dirs: Mapping[str, Path], name: str, experts: Sequence[str]) -> RunResult:
@@ -743,6 +744,46 @@ def plot_fid(results: Sequence[RunResult], path: Path) -> list[str]:
     return [p[2] for p in points]
 
 
+def proxy_protocol(row: dict[str, Any]) -> str:
+    """How a proxy point was measured, e.g. 'KID of 512 EMA samples (ddpm, 50 steps) vs 2,048 train images'."""
+    return (f"KID of {row['proxy_samples']:,} EMA samples ({row['proxy_sampler']}, {row['proxy_sampling_steps']} "
+            f"steps) vs {row['num_reference']:,} {row['reference_split']} images")
+
+
+def plot_quality(results: Sequence[RunResult], path: Path) -> list[str]:
+    """The proxy KID during training against images seen and against counted training PFLOP, one line per run with
+    proxy points (the RIN paper's quality-against-compute comparison, at CPU scale); returns the runs drawn."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    drawn = [r for r in results if r.proxy]
+    if not drawn:
+        return []
+    protocols = sorted({proxy_protocol(row) for r in drawn for row in r.proxy})
+    colors = colormaps["tab10"].colors
+    fig = Figure(figsize=(10.0, 4.0))
+    axes = fig.subplots(1, 2, sharey=True)
+    for i, res in enumerate(drawn):
+        rows = sorted(res.proxy, key=lambda row: row["step"])
+        label = res.name if len(protocols) == 1 else f"{res.name}: {proxy_protocol(rows[0])}"
+        for ax, key in zip(axes, ("images_seen", "train_pflop"), strict=True):
+            ax.errorbar([row[key] for row in rows], [row["kid"] for row in rows],
+                        yerr=[row["kid_std"] for row in rows], marker="o", capsize=3, label=label,
+                        color=colors[i % len(colors)])
+    axes[0].set_xlabel("images seen in training")
+    axes[1].set_xlabel("training PFLOP (counted)")
+    axes[0].set_ylabel("proxy KID (lower is better)")
+    for ax in axes:
+        ax.set_xscale("log")  # KID stays linear: near real data it is ~0 and can be negative
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"Proxy: {protocols[0]}" if len(protocols) == 1 else "Proxy KID (protocols in the legend)",
+                 fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    return [r.name for r in drawn]
+
+
 def _card_lines(rows: Sequence[TableRow]) -> list[str]:
     """One line per row of ours: its card and the protocol behind its headline number."""
     lines = []
@@ -802,6 +843,17 @@ def _figures(results: Sequence[RunResult], out_dir: Path, experts: Sequence[RunR
         lines += ["FID against training progress, one point per evaluation:", "", "![FID](fid.png)", ""]
     else:
         lines += ["FID against training progress: not drawn, fewer than two evaluations exist.", ""]
+    quality_runs = plot_quality(results, out_dir / "quality.png")
+    if quality_runs:
+        protocols = sorted({proxy_protocol(row) for r in results for row in r.proxy})
+        lines += [f"Sample quality against training compute ({', '.join(quality_runs)}): a proxy, "
+                  f"{'; '.join(protocols)}, ± its spread over subsets, at points during training (params.yaml "
+                  "`train.proxy`); few samples and sampling steps, so it ranks the points of a curve and the runs "
+                  "drawn with one protocol, while the tables' KID and FID are the headline.", "",
+                  "![proxy KID against images seen and training PFLOP](quality.png)", ""]
+    else:
+        lines += ["Sample quality against training compute: not drawn, no run has proxy points (params.yaml "
+                  "`train.proxy`).", ""]
     lines += ["## Samples", ""]
     for res in results:
         if res.grid is not None:

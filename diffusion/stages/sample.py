@@ -29,15 +29,7 @@ from diffusion.images import from_uint8, grid, save_png_atomic, to_uint8_nhwc, v
 from diffusion.io import fingerprint as settings_fingerprint
 from diffusion.io import sha256_file, write_json, write_npz, write_text
 from diffusion.registry import load_run, resolve_model
-from diffusion.sampling import sample
-
-
-def sample_labels(seeds: list[int], num_classes: int) -> torch.Tensor | None:
-    """Class of image i: drawn from its own seed, so labels are balanced in expectation and batch-independent."""
-    if not num_classes:
-        return None
-    return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(s + (1 << 40))))
-                         for s in seeds])
+from diffusion.sampling import sample, sample_labels
 
 
 def _chunk_done(path: Path, fingerprint: str) -> bool:

@@ -15,6 +15,7 @@ from diffusion.checkpoint import first_stage
 from diffusion.config import ConfigError
 from diffusion.io import exclusive_lock
 from diffusion.registry import load_run
+from diffusion.stages.proxy import proxy_score
 from diffusion.trainer import Trainer, align_live
 
 
@@ -23,6 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("run", help="a run name from params.yaml (runs or experts)")
     p.add_argument("--shards", required=True, help="the dataset's shard root (data/shards/<dataset>)")
     p.add_argument("--out", required=True, help="the run's train folder (outputs/<run>/train)")
+    p.add_argument("--refstats", help="the dataset's reference features (data/refstats/<dataset>.npz), for the proxy "
+                                      "KID curve of a run with train.proxy set")
     add_device(p)
     args = p.parse_args(argv)
     _, run = load_run(args.params, args.run)
@@ -35,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with exclusive_lock(out, f"training of {run.name}") if d.is_main else nullcontext():
         source = training_source(run.dataset, run.train, shards)
         trainer = Trainer(run, out, d, first_stage(run, shards, d.device))
+        score = proxy_score(run, args.refstats, d.device) if run.train.proxy is not None and d.is_main else None
         start = trainer.resume()
         live = None
         if d.is_main:
@@ -44,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             live = Live(dir=str(out / "live"), resume=True, save_dvc_exp=False, dvcyaml=False)
         previous = signal.signal(signal.SIGTERM, trainer.request_stop)  # preemption: checkpoint, then stop
         try:
-            result = trainer.fit(source, live=live)
+            result = trainer.fit(source, live=live, proxy=score)
             trainer.export(result)
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -260,3 +260,85 @@ def _with_samples(root: Path, n: int) -> Path:
     path = root / f"params-{n}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def proxy_params(stage: dict[str, Path], **proxy) -> Path:
+    """The tiny run of `stage`, trained 4 steps with the proxy KID curve at every 2nd (`proxy` overrides)."""
+    raw = yaml.safe_load(stage["params"].read_text())
+    raw["runs"]["tiny"]["train"] = {"steps": 4, "batch_size": 4, "data": "memory", "precision": "fp32",
+                                    "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2, "sample_every": 0,
+                                    "proxy": {"every": 2, "num_samples": 8, "steps": 2} | proxy}
+    path = stage["root"] / "proxy_params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_train_stage_logs_a_proxy_kid_curve_against_the_cached_references(stage: dict[str, Path], tmp_path,
+                                                                              capsys):
+    params = proxy_params(stage)
+    argv = ["--params", str(params), "train", "tiny", "--shards", str(stage["shards"]), "--out", str(tmp_path)]
+    assert cli.main(argv) == 2  # refused before training: nothing to score against
+    assert "runs.tiny.train.proxy is set, but the train stage got no --refstats" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists()
+    assert cli.main([*argv, "--refstats", str(stage["refstats"])]) == 0
+    rows = json.loads((tmp_path / "train_log.json").read_text())["proxy"]
+    assert [r["step"] for r in rows] == [2, 4] and [r["images_seen"] for r in rows] == [8, 16]
+    for r in rows:
+        assert (r["num_reference"], r["reference_split"], r["proxy_samples"]) == (N, "train", 8)
+        assert r["kid_subset_size"] == 4 and r["kid"] > 0.05  # 2 sampling steps of an untrained model: far off
+        assert r["feature_network"].startswith("TF-Inception") and r["train_pflop"] > 0
+    tsv = (tmp_path / "live" / "plots" / "metrics" / "proxy" / "kid.tsv").read_text().splitlines()
+    col = tsv[0].split("\t").index("step")
+    assert [line.split("\t")[col] for line in tsv[1:]] == ["2", "4"]
+
+
+def test_a_proxy_is_refused_where_it_cannot_mean_anything(stage: dict[str, Path]) -> None:
+    raw = yaml.safe_load(proxy_params(stage).read_text())
+    raw["runs"]["tiny"]["diffusion"] = {"context_frames": 2}
+    raw["runs"]["tiny"]["dataset"] = "moving_fmnist"
+    path = stage["root"] / "proxy_video.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"runs\.tiny\.train\.proxy is set, but a run that predicts from context"):
+        load_params(path).run("tiny")
+
+
+def test_refstats_parts_resume_a_killed_run_and_redo_only_what_is_missing_or_damaged(tmp_path, monkeypatch):
+    """write_refstats in parts of 16 images, with a stand-in feature network (the mean of each image row): killed
+    during its third part it keeps two; rerun, it computes only the rest, and a damaged or foreign part again."""
+    from diffusion.stages import refstats
+
+    calls: list[int] = []
+
+    def fake_features(images, net, desc):
+        calls.append(len(images))
+        if net == "die" and len(calls) == 3:
+            raise KeyboardInterrupt
+        return images.reshape(len(images), -1)[:, :8].astype(np.float32) + 0.5, 100.0
+
+    monkeypatch.setattr(refstats, "timed_features", fake_features)
+    monkeypatch.setattr(refstats, "PART_SIZE", 16)
+    params = load_params(REPO / "params.yaml")
+    cfg = dataclasses.replace(params.datasets["fashion_mnist"], max_samples=N, shard_size=16)
+    write_dataset_shards(cfg, "fashion_mnist", tmp_path / "shards", splits=("train", "test"))
+    ref = dataclasses.replace(params.evaluation.references["fashion_mnist"], num_images=N, floor=20)
+    out, parts = tmp_path / "ref.npz", tmp_path / "ref.parts"
+    with pytest.raises(KeyboardInterrupt):
+        refstats.write_refstats("fashion_mnist", cfg, ref, tmp_path / "shards", out, "die", parts)
+    assert sorted(p.name for p in parts.iterdir()) == ["train-00000000.npz", "train-00000016.npz"] and not out.exists()
+    calls.clear()
+    refstats.write_refstats("fashion_mnist", cfg, ref, tmp_path / "shards", out, "net", parts)
+    assert calls == [8, 16, 4]  # the last train part (40 = 16 + 16 + 8), then the floor's 20 test images
+    with np.load(out) as z:
+        resumed, floor = z["features"], z["floor_features"]
+    images = read_split(cfg, tmp_path / "shards", "train", limit=N)[0]
+    np.testing.assert_array_equal(resumed, images.reshape(N, -1)[:, :8] + 0.5)  # in order, nothing lost or doubled
+    assert floor.shape == (20, 8)
+    (parts / "train-00000016.npz").write_bytes(b"damaged")
+    with np.load(parts / "test-00000000.npz") as z:  # a part of other images: its key no longer matches
+        kept = {"features": z["features"], "images_per_s": z["images_per_s"]}
+    np.savez(parts / "test-00000000.npz", key=np.str_("other"), **kept)
+    calls.clear()
+    refstats.write_refstats("fashion_mnist", cfg, ref, tmp_path / "shards", out, "net", parts)
+    assert calls == [16, 16]
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["features"], resumed)

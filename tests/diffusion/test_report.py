@@ -88,6 +88,9 @@ def test_report_files_figures_and_unplaced_runs(written: Path) -> None:
     assert (written / "loss.png").exists() and (written / "fid.png").exists()
     assert (written / "grids" / "rin_fmnist.png").exists()
     md = (written / "report.md").read_text()
+    assert "![proxy KID against images seen and training PFLOP](quality.png)" in md
+    assert "(rin_fmnist, rin_fmnist_long): a proxy, KID of 256 EMA samples (ddpm, 50 steps) vs 2,048 train" in md
+    assert Image.open(written / "quality.png").size[0] > 800  # two panels: images seen, training PFLOP
     assert "Runs in no table (add them to params.yaml evaluation.report): `tiny`." in md
     assert "samples/grid.png not found) for `rin_cifar10`, `rin_fmnist_long`, `tiny`." in md
 
@@ -98,6 +101,7 @@ def test_single_evaluation_draws_no_fid_curve(tmp_path: Path) -> None:
                              run_dirs(tmp_path / "outputs", ["rin_fmnist"]), tmp_path / "report").read_text()
     assert "fewer than two evaluations exist" in md and "![training loss](loss.png)" in md
     assert not (tmp_path / "report" / "fid.png").exists()
+    assert "quality.png" in md  # its train_log.json has proxy points
 
 
 def test_paper_constants_cover_the_papers_numbers() -> None:

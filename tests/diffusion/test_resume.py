@@ -369,3 +369,63 @@ def test_safetensors_headers_follow_the_format_for_any_metadata_length(tmp_path)
         assert json.loads(header)["__metadata__"] == metadata and list(json.loads(header)["__metadata__"]) == ["a", "z"]
         assert torch.equal(load(data)["w"], torch.arange(3.0))
     assert b"__metadata__" not in checkpoint.safetensors_bytes({"w": torch.ones(1)}, None)
+
+
+class MeanScore:
+    """A stand-in for the proxy KID (its features need the Inception weights): the samples' mean pixel, and the
+    images it was called on."""
+
+    def __init__(self):
+        self.calls: list[np.ndarray] = []
+
+    def __call__(self, images: np.ndarray) -> dict:
+        self.calls.append(images)
+        return {"kid": float(images.mean()), "kid_std": 0.0}
+
+
+def proxied(**train):
+    from diffusion.config import ProxyConfig
+
+    return tiny_run(proxy=ProxyConfig(every=3, num_samples=5, steps=2), **train)
+
+
+def test_proxy_points_fall_every_n_steps_and_at_the_end_with_counted_flops(tmp_path):
+    from diffusion.flops import train_flops_per_example
+
+    run = proxied()
+    score = MeanScore()
+    result = Trainer(run, tmp_path, CPU).fit(source(run), proxy=score)
+    assert [r["step"] for r in result.proxy] == [3, 6, 8]
+    per_example = train_flops_per_example(run)
+    assert per_example > 0
+    for row in result.proxy:
+        assert row["images_seen"] == row["step"] * run.train.batch_size
+        assert row["train_pflop"] == pytest.approx(row["images_seen"] * per_example / 1e15)
+        assert (row["proxy_samples"], row["proxy_sampling_steps"]) == (5, 2)
+    assert [im.shape for im in score.calls] == [(5, 32, 32, 1)] * 3 and all(im.dtype == np.uint8 for im in score.calls)
+    assert not np.array_equal(score.calls[0], score.calls[-1])  # scored on the weights of the moment, not once
+    assert Trainer(run, tmp_path / "off", CPU).fit(source(run)).proxy == []  # no score given: no points
+
+
+def test_the_self_conditioning_pass_is_counted_in_the_training_flops():
+    from diffusion.flops import run_cost, train_flops_per_example
+
+    off, on = tiny_run(self_cond_rate=0.0), tiny_run(self_cond_rate=0.9)
+    assert train_flops_per_example(off) == run_cost(off).train_flops
+    cost = run_cost(on)  # with the warm-start MLP on the first pass's latents
+    assert train_flops_per_example(on) == cost.train_flops + cost.forward_flops > train_flops_per_example(off)
+
+
+def test_a_killed_run_keeps_its_proxy_points_and_scores_the_rest_as_an_uninterrupted_one(tmp_path):
+    run = proxied()
+    straight = Trainer(run, tmp_path / "straight", CPU).fit(source(run), proxy=MeanScore())
+    killed = Trainer(run, tmp_path / "resumed", CPU)
+    first = MeanScore()
+    with pytest.raises(Stop):
+        killed.fit(StopAfter(source(run), 7), proxy=first)  # points at 3 and 6, checkpoint at 4: 6 is lost
+    assert len(first.calls) == 2
+    again = MeanScore()
+    resumed = Trainer(run, tmp_path / "resumed", CPU).fit(source(run), proxy=again)
+    assert [r["step"] for r in resumed.proxy] == [3, 6, 8] and len(again.calls) == 2  # 6 redrawn, 3 kept
+    keep = ("step", "images_seen", "train_pflop", "kid")
+    assert [{k: r[k] for k in keep} for r in resumed.proxy] == [{k: r[k] for k in keep} for r in straight.proxy]
