@@ -13,6 +13,9 @@ per-noise-level test loss of benchmarks/ab_loss.py.
 The file is rewritten after every arm, and a rerun with the same run, budget, samples and samplers keeps the arms it
 already holds (same name and overrides), so a killed invocation resumes at the arm it was in.
 
+--weights FILE scores sampler variants at fixed weights instead (a run's trained ema.safetensors): no training, one
+arm, whose name labels the weights.
+
 Equal wall time: each arm first times --calibrate steps of its own training, then trains
 minutes * 60 / (seconds per step) steps (its own LR schedule over them). Sampler variants are dotted keys of the
 run's `sample` section, applied to the trained weights of every arm. KID and FID at N samples are comparable only
@@ -37,10 +40,11 @@ from tqdm.auto import tqdm
 
 from benchmarks.ab_loss import GAMMAS, arm_run, parse_arm, test_loss
 from data.batches import read_split, training_source
+from diffusion.checkpoint import load_trained
 from diffusion.config import ConfigError
 from diffusion.distributed import Dist, autocast
 from diffusion.images import from_uint8, to_uint8_nhwc
-from diffusion.io import write_json
+from diffusion.io import sha256_file, write_json
 from diffusion.metrics.features import feature_network_for, feature_space, timed_features
 from diffusion.registry import resolve_model
 from diffusion.sampling import sample
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
                         "Default: every arm gets every variant")
     p.add_argument("--minutes", type=float, help="training wall time per arm (equal time); else --steps")
     p.add_argument("--steps", type=int, default=1000, help="training steps per arm when --minutes is not given")
+    p.add_argument("--weights", type=Path, help="score the sampler variants at these trained weights (safetensors), "
+                                              "without training; one --arm, which names them")
     p.add_argument("--calibrate", type=int, default=20, help="timed steps that set an arm's steps for --minutes")
     p.add_argument("--samples", type=int, default=1024)
     p.add_argument("--batch", type=int, default=256, help="sampling batch")
@@ -136,7 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.sampler_arms or []) - set(names))
     if unknown:
         raise SystemExit(f"--sampler-arm {', '.join(unknown)}: not among the --arm names {names}")
+    if args.weights is not None and (len(arms) != 1 or arms[0][1]):
+        raise SystemExit("--weights: give exactly one --arm, a name without overrides (the weights are trained)")
     budget = {"minutes": args.minutes} if args.minutes is not None else {"steps": args.steps}
+    if args.weights is not None:
+        budget = {"weights": str(args.weights), "sha256": sha256_file(args.weights)}
     done = previous_rows(args.out, args.run, budget, args.samples)
     rows, net, test_images = [], None, None
     for name, over in arms:
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         if run.model.class_conditional or run.diffusion.context_frames or run.train.expert is not None:
             raise SystemExit(f"{args.run}: only unconditional image runs are supported here")
         step_s = None
-        if args.minutes is not None and "train.steps" not in over:
+        if args.minutes is not None and "train.steps" not in over and args.weights is None:
             step_s = seconds_per_step(run, args.shards, args.calibrate)
             run = arm_run(raw, args.run, over | {"train.steps": max(1, int(args.minutes * 60 / step_s))}, args.steps)
         if net is None:
@@ -160,11 +170,14 @@ def main(argv: list[str] | None = None) -> None:
             test_images = from_uint8(read_split(run.dataset, args.shards, "test", limit=args.images)[0])
         patch = list(resolve_model(run).patch) if run.model.family == "rin" else None
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(run, Path(tmp), CPU)
-            start = time.perf_counter()
-            result = trainer.fit(training_source(run.dataset, run.train, args.shards))
-            train_s = time.perf_counter() - start
-            model = trainer.ema.module.eval()
+            if args.weights is None:
+                trainer = Trainer(run, Path(tmp), CPU)
+                start = time.perf_counter()
+                result = trainer.fit(training_source(run.dataset, run.train, args.shards))
+                train_s = time.perf_counter() - start
+                model = trainer.ema.module.eval()
+            else:
+                model, result, train_s = load_trained(run, [args.weights]), None, None
             losses = test_loss(model, run, test_images, GAMMAS)
             scored = {}
             for s_name, s_over in arm_samplers:
@@ -174,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
                 scored[s_name] = {"overrides": s_over, "sampler": s_run.sample.sampler, "steps": s_run.sample.steps,
                                   "sampling_seconds": time.perf_counter() - t0,
                                   **score(images, s_run, ref_feats, real, net, patch)}
-        row = {"arm": name, "overrides": over, "train_steps": run.train.steps, "seconds_per_step": step_s,
-               "train_seconds": train_s, "images_per_s": result.images_per_s, "final_train_loss": result.final_loss,
+        row = {"arm": name, "overrides": over, "train_steps": run.train.steps if args.weights is None else None,
+               "seconds_per_step": step_s,
+               "train_seconds": train_s, "images_per_s": result and result.images_per_s,
+               "final_train_loss": result and result.final_loss,
                "test_loss": losses, "test_loss_mean": sum(losses.values()) / len(losses), "samplers": scored}
         rows.append(row)
         print(json.dumps(row), flush=True)

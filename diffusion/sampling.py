@@ -45,7 +45,6 @@ def step_ddim(x0: Tensor, eps: Tensor, g_now: Tensor, g_next: Tensor, noise: Ten
     return _bcast(g_next.sqrt(), x0) * x0 + _bcast(direction, x0) * eps + _bcast(var.sqrt(), x0) * noise
 
 
-@torch.no_grad()
 def sample_labels(seeds: Sequence[int], num_classes: int) -> Tensor | None:
     """Class of image i: drawn from its own seed, so labels are balanced in expectation and batch-independent."""
     if not num_classes:
@@ -54,6 +53,7 @@ def sample_labels(seeds: Sequence[int], num_classes: int) -> Tensor | None:
                          for s in seeds])
 
 
+@torch.no_grad()
 def sample(
     denoiser: Denoiser,
     shape: Sequence[int],
