@@ -184,6 +184,7 @@ class Trainer:
         self.proxy_rows: list[dict] = []  # proxy quality points of every session, carried too
         self.window: list[float] = []  # losses since the last logged row, carried too (a resume may fall inside)
         self.train_seconds = 0.0  # training time of earlier sessions, carried in the checkpoints
+        self.proxy_seconds = 0.0  # of it, the proxy points' (left out of the throughput), carried too
         self.preview_context: Tensor | None = None
         self.train_flops: int | None = None  # counted training FLOPs per example, on the first proxy point
         self.resumed_from: int | None = None  # set by the first `resume`
@@ -226,7 +227,17 @@ class Trainer:
         self.proxy_rows = list(state.get("proxy", []))
         self.window = list(state.get("window", []))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.proxy_seconds = float(state.get("proxy_seconds", 0.0))
         log.info("%s: resumed from %s", self.run.name, path)
+        proxy = self.run.train.proxy
+        if proxy is not None and self.d.is_main:
+            due = {s for s in range(proxy.every, self.step + 1, proxy.every)} | ({self.step} if self.step ==
+                                                                                 self.run.train.steps else set())
+            missing = sorted(due - {row["step"] for row in self.proxy_rows})
+            if missing:
+                log.warning("%s: the checkpoint has no proxy points for steps %s (it was written without train.proxy "
+                            "or with other proxy steps); they cannot be drawn now. For the whole curve, move %s aside "
+                            "and train again", self.run.name, ", ".join(map(str, missing)), self.ckpt_dir)
         return self.step
 
     def save(self, session_seconds: float = 0.0) -> None:
@@ -234,7 +245,8 @@ class Trainer:
             checkpoint.save(self.ckpt_dir, self.step, self.model, self.ema, self.optimizer,
                             extra={"run": self.run.name, "fingerprint": self.fingerprint, "settings": self.settings,
                                    "history": self.history, "proxy": self.proxy_rows, "window": self.window,
-                                   "train_seconds": self.train_seconds + session_seconds})
+                                   "train_seconds": self.train_seconds + session_seconds,
+                                   "proxy_seconds": self.proxy_seconds})
 
     def set_lr(self) -> float:
         lr = self.run.train.lr * lr_factor(self.step, self.run.train)
@@ -304,9 +316,10 @@ class Trainer:
     def proxy_point(self, score: ProxyScore) -> dict:
         """One point of the quality-against-compute curve: the proxy score of the EMA weights now, with the images
         and counted training FLOPs that led here."""
+        t0 = time.perf_counter()  # all of it, the FLOP count included, is left out of the throughput
         if self.train_flops is None:
             self.train_flops = train_flops_per_example(self.run)
-        p, t0 = self.run.train.proxy, time.perf_counter()
+        p = self.run.train.proxy
         images = self.step * self.run.train.batch_size
         row = {"step": self.step, "images_seen": images, "train_pflop": images * self.train_flops / 1e15,
                **score(self.proxy_images()), "proxy_samples": p.num_samples, "proxy_sampler": self.run.sample.sampler,
@@ -320,14 +333,14 @@ class Trainer:
         t = self.run.train
         start_step = self.resume()
         history = self.history
-        t0, bar = time.perf_counter(), None
+        t0, bar, p0 = time.perf_counter(), None, self.proxy_seconds
         if self.d.is_main:
             bar = tqdm(total=t.steps, initial=start_step, desc=f"train {self.run.name}", mininterval=2.0)
         while self.step < t.steps:
             loss, gnorm, lr = self.one_step(source)
             self.window.append(loss)
             if self.step % t.log_every == 0 or self.step == t.steps:
-                ips = (self.step - start_step) * t.batch_size / (time.perf_counter() - t0)
+                ips = (self.step - start_step) * t.batch_size / (time.perf_counter() - t0 - (self.proxy_seconds - p0))
                 row = {"step": self.step, "loss": float(np.mean(self.window)), "grad_norm": gnorm, "lr": lr,
                        "images_per_s": ips}
                 history.append(row)
@@ -342,6 +355,7 @@ class Trainer:
                 if proxy is not None and self.d.is_main:
                     row = self.proxy_point(proxy)
                     self.proxy_rows.append(row)
+                    self.proxy_seconds += row["proxy_seconds"]
                     if live is not None:
                         live.step = self.step
                         live.log_metric("proxy/kid", row["kid"])
@@ -363,7 +377,7 @@ class Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        elapsed = self.train_seconds + time.perf_counter() - t0
+        elapsed = self.train_seconds + time.perf_counter() - t0 - self.proxy_seconds  # training alone
         ips = t.steps * t.batch_size / elapsed if elapsed > 0 else 0.0
         final = history[-1]["loss"] if history else float("nan")
         return TrainResult(t.steps, start_step, final, ips, history, list(self.proxy_rows))

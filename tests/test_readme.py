@@ -81,7 +81,7 @@ def check_row(root: Path, row: list[str]) -> None:
 
 def committed_figures(root: Path) -> dict[str, list[float]]:
     """Every throughput, FID and FVD the committed files hold: img/s (image runs and benchmarks), clips/s (video);
-    FID / FVD of the samples and of the floor (held-out real images scored the same way)."""
+    FID / FVD of the samples and of the floor (held-out real images scored the same way), and the benchmarks' FIDs."""
     figures: dict[str, list[float]] = {"img/s": [], "clips/s": [], "FID": [], "FVD": []}
     for path in root.glob("outputs/*/train/metrics.json"):
         run = path.parts[-3]
@@ -98,6 +98,8 @@ def committed_figures(root: Path) -> dict[str, list[float]]:
             for key, value in node.items():
                 if key == "images_per_s" and isinstance(value, (int, float)):
                     figures["img/s"].append(value)
+                if key == "fid" and isinstance(value, (int, float)):  # the A/Bs' and the bias benchmark's
+                    figures["FID"].append(value)
                 walk(value)
         elif isinstance(node, list):
             for value in node:

@@ -429,3 +429,22 @@ def test_a_killed_run_keeps_its_proxy_points_and_scores_the_rest_as_an_uninterru
     assert [r["step"] for r in resumed.proxy] == [3, 6, 8] and len(again.calls) == 2  # 6 redrawn, 3 kept
     keep = ("step", "images_seen", "train_pflop", "kid")
     assert [{k: r[k] for k in keep} for r in resumed.proxy] == [{k: r[k] for k in keep} for r in straight.proxy]
+
+
+def test_the_throughput_leaves_out_the_proxys_time_and_a_resume_without_points_warns(tmp_path, caplog):
+    import time
+
+    class SlowScore(MeanScore):
+        def __call__(self, images):
+            time.sleep(0.5)
+            return super().__call__(images)
+
+    run = proxied()
+    result = Trainer(run, tmp_path / "a", CPU).fit(source(run), proxy=SlowScore())
+    plain = Trainer(run, tmp_path / "b", CPU).fit(source(run))  # the same steps without a proxy
+    assert sum(r["proxy_seconds"] for r in result.proxy) > 1.5
+    # 1.5 s of proxy against well under a second of training: counted in, the rate would be several times lower
+    assert result.images_per_s > 0.5 * plain.images_per_s
+    caplog.set_level(logging.WARNING)
+    Trainer(run, tmp_path / "b", CPU).fit(source(run))  # b's checkpoints have no proxy points
+    assert "no proxy points for steps 3, 6, 8" in caplog.text
