@@ -31,6 +31,7 @@ SMOKE_TRAIN = {  # runs and experts (ensembles train nothing)
     "train.sample_every": 0,
     "train.data": "memory",
 }
+SMOKE_PROXY = {"every": 10, "num_samples": 16, "steps": 2}  # a run's proxy KID curve, where it has one
 SMOKE_AUTOENCODER = {"steps": 20, "batch_size": 16, "log_every": 5}  # autoencoders that train (steps > 0)
 SMOKE_SAMPLE_STEPS = 10  # runs and ensembles (experts are sampled only through their ensemble)
 # Samples per run = reference images per dataset: 64 images (Inception, ~10 s on 2 cores) or 16 clips (I3D, ~55
@@ -60,6 +61,8 @@ def smoke_overrides(params: Params) -> dict[str, Any]:
         key, dataset, video = run.params_key, run.dataset_name, bool(run.dataset.frames)
         if run.section != "ensembles":
             out |= {f"{key}.{k}": v for k, v in SMOKE_TRAIN.items()}
+            if run.train.proxy is not None:
+                out[f"{key}.train.proxy"] = SMOKE_PROXY
             if (run.model.family, video) in SMOKE_TINY_PRESET:
                 out[f"{key}.model.preset"] = SMOKE_TINY_PRESET[run.model.family, video]
                 out[f"{key}.model.overrides"] = {}  # widths written for the full preset would undo the shrink

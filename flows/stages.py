@@ -4,6 +4,7 @@ and stage errors (a bad config or a bug: not retried)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -213,6 +214,20 @@ def stage_command(workspace: Path, stage_name: str) -> str:
         return str(stage.cmd)
 
 
+@contextlib.contextmanager
+def _quiet_rwlock():
+    """DVC's rwlock logs a warning when it removes the entry of a killed process (a stage killed with the flow), and
+    its log handler raises LoggingException when that write fails (after a kill, the stream it holds can be gone),
+    which failed the re-run of a killed flow; the entry is removed either way, so the warning is dropped here."""
+    rwlock_log = logging.getLogger("dvc.rwlock")
+    level = rwlock_log.level
+    rwlock_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        rwlock_log.setLevel(level)
+
+
 def stage_state(workspace: Path, stage_name: str) -> StageState:
     """What DVC says about one stage now. `digest` is computed like a dvc.lock entry without its outputs, so it is
     the same before the stage runs and after it has run; a Prefect cache key that includes it matches a completed
@@ -224,7 +239,7 @@ def stage_state(workspace: Path, stage_name: str) -> StageState:
         stage = _stages(repo, workspace).get(stage_name)
         if stage is None:
             raise StageError(f"{workspace}/dvc.yaml has no stage {stage_name!r}")
-        with repo.lock:
+        with repo.lock, _quiet_rwlock():
             status = stage.status()
             try:
                 stage.save_deps()

@@ -55,7 +55,7 @@ def test_meme_table_rows_train_on_the_same_number_of_images():
         assert [e.train.expert.p for e in ensemble.experts] == [0.8, 0.4, 0.2, 0.1]  # SPEC section 2's p_n
         for e in ensemble.experts:  # only the time interval and the number of steps differ from the baseline
             same = {k: v for k, v in vars(e.train).items() if k not in ("steps", "warmup_steps", "checkpoint_every",
-                                                                         "sample_every", "expert")}
+                                                                         "sample_every", "proxy", "expert")}
             assert same == {k: vars(baseline.train)[k] for k in same}, e.name
             assert (e.diffusion, e.dataset_name) == (baseline.diffusion, baseline.dataset_name)
         assert (ensemble.sample, ensemble.eval) == (baseline.sample, baseline.eval)
