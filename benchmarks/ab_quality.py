@@ -36,18 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from benchmarks.ab_loss import GAMMAS, arm_run, parse_arm, test_loss
 from data.batches import read_split, training_source
 from diffusion.checkpoint import load_trained
 from diffusion.config import ConfigError
-from diffusion.distributed import Dist, autocast
-from diffusion.images import from_uint8, to_uint8_nhwc
+from diffusion.distributed import Dist
+from diffusion.images import from_uint8
 from diffusion.io import sha256_file, write_json
 from diffusion.metrics.features import feature_network_for, feature_space, timed_features
 from diffusion.registry import resolve_model
-from diffusion.sampling import sample
 from diffusion.stages.evaluate import (
     kernel_distance_fields,
     load_reference_features,
@@ -55,7 +53,7 @@ from diffusion.stages.evaluate import (
     sample_fid,
     seam_fields,
 )
-from diffusion.trainer import Trainer
+from diffusion.trainer import Trainer, draw_images
 from diffusion.typed import build_dataclass, set_dotted
 
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -83,19 +81,6 @@ def with_sample_settings(run, over: dict):
     keys = {f"sample.{k.removeprefix('sample.')}": v for k, v in over.items()}
     raw = set_dotted({"sample": dataclasses.asdict(run.sample)}, keys)["sample"]
     return dataclasses.replace(run, sample=build_dataclass(type(run.sample), raw, f"{run.params_key}.sample"))
-
-
-def draw(model, run, n: int, batch: int) -> np.ndarray:
-    """n uint8 NHWC samples from seeds sample.seed .. + n - 1, in the run's precision."""
-    cfg = model.cfg
-    out = []
-    for start in tqdm(range(0, n, batch), desc=f"sample {run.name} ({run.sample.sampler}, {run.sample.steps} steps)",
-                      leave=False):
-        seeds = [run.sample.seed + i for i in range(start, min(start + batch, n))]
-        with autocast(run.train.precision, CPU.device):
-            x = sample(model, (cfg.channels, *cfg.data_shape), seeds, run.sample, run.diffusion.prediction)
-        out.append(to_uint8_nhwc(x))
-    return np.concatenate(out)
 
 
 def score(images: np.ndarray, run, ref_feats: np.ndarray, real: np.ndarray | None, net, patch) -> dict:
@@ -183,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             for s_name, s_over in arm_samplers:
                 s_run = with_sample_settings(run, s_over)
                 t0 = time.perf_counter()
-                images = draw(model, s_run, args.samples, args.batch)
+                images = draw_images(model, s_run, dataclasses.replace(s_run.sample, batch_size=args.batch),
+                                     args.samples, CPU.device, desc=f"sample {s_run.name}")
                 scored[s_name] = {"overrides": s_over, "sampler": s_run.sample.sampler, "steps": s_run.sample.steps,
                                   "sampling_seconds": time.perf_counter() - t0,
                                   **score(images, s_run, ref_feats, real, net, patch)}

@@ -160,6 +160,25 @@ def train_step(model: nn.Module, batch: tuple[Tensor, Tensor], noise: NoiseDraw,
     return value, grad_norm, stop
 
 
+@torch.no_grad()
+def draw_images(model: nn.Module, run: RunConfig, settings, n: int, device: torch.device | str, first_stage=None,
+                desc: str = "sample") -> np.ndarray:
+    """n uint8 NHWC samples from seeds settings.seed .. + n - 1 in batches of settings.batch_size, in the run's
+    precision, with labels as the sample stage draws them and a latent run's samples decoded; a progress bar."""
+    cfg, out = model.cfg, []
+    for start in tqdm(range(0, n, settings.batch_size), desc=f"{desc} ({settings.sampler}, {settings.steps} steps)",
+                      leave=False):
+        seeds = [settings.seed + i for i in range(start, min(start + settings.batch_size, n))]
+        labels = sample_labels(seeds, cfg.num_classes)
+        with autocast(run.train.precision, device):
+            x = sample(model, (cfg.channels, *cfg.data_shape), seeds, settings, run.diffusion.prediction,
+                       labels=None if labels is None else labels.to(device), device=device)
+        if first_stage is not None:
+            x = first_stage.decode(x)
+        out.append(to_uint8_nhwc(x))
+    return np.concatenate(out)
+
+
 class Trainer:
     """Owns the model, EMA, optimiser and output folder of one run; `fit` trains to run.train.steps."""
 
@@ -229,11 +248,9 @@ class Trainer:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.proxy_seconds = float(state.get("proxy_seconds", 0.0))
         log.info("%s: resumed from %s", self.run.name, path)
-        proxy = self.run.train.proxy
-        if proxy is not None and self.d.is_main:
-            due = {s for s in range(proxy.every, self.step + 1, proxy.every)} | ({self.step} if self.step ==
-                                                                                 self.run.train.steps else set())
-            missing = sorted(due - {row["step"] for row in self.proxy_rows})
+        if self.d.is_main:
+            have = {row["step"] for row in self.proxy_rows}
+            missing = [s for s in range(1, self.step + 1) if self.proxy_due(s) and s not in have]
             if missing:
                 log.warning("%s: the checkpoint has no proxy points for steps %s (it was written without train.proxy "
                             "or with other proxy steps); they cannot be drawn now. For the whole curve, move %s aside "
@@ -295,23 +312,16 @@ class Trainer:
             image = grid(to_uint8_nhwc(x), ncols=8)  # (H, W, C)
         return image[..., 0] if image.shape[-1] == 1 else image
 
-    @torch.no_grad()
     def proxy_images(self) -> np.ndarray:
-        """train.proxy.num_samples EMA samples, uint8 NHWC, from seeds sample.seed.. (labels as the sample stage
-        draws them), with the run's sampler at the proxy's number of steps."""
-        run, cfg, n = self.run, self.model.cfg, self.run.train.proxy.num_samples
-        settings = replace(run.sample, steps=run.train.proxy.steps)
-        model, out = self.ema.module.eval(), []
-        for start in range(0, n, settings.batch_size):
-            seeds = [settings.seed + i for i in range(start, min(start + settings.batch_size, n))]
-            labels = sample_labels(seeds, cfg.num_classes)
-            with autocast(run.train.precision, self.d.device):
-                x = sample(model, (cfg.channels, *cfg.data_shape), seeds, settings, run.diffusion.prediction,
-                           labels=None if labels is None else labels.to(self.d.device), device=self.d.device)
-            if self.first_stage is not None:
-                x = self.first_stage.decode(x)
-            out.append(to_uint8_nhwc(x))
-        return np.concatenate(out)
+        """train.proxy.num_samples EMA samples, with the run's sampler at the proxy's number of steps."""
+        settings = replace(self.run.sample, steps=self.run.train.proxy.steps)
+        return draw_images(self.ema.module.eval(), self.run, settings, self.run.train.proxy.num_samples,
+                           self.d.device, self.first_stage, desc=f"proxy samples {self.run.name}")
+
+    def proxy_due(self, step: int) -> bool:
+        """Whether train.proxy has a point at `step`: every `every` steps and at the last one."""
+        p = self.run.train.proxy
+        return p is not None and (step % p.every == 0 or step == self.run.train.steps)
 
     def proxy_point(self, score: ProxyScore) -> dict:
         """One point of the quality-against-compute curve: the proxy score of the EMA weights now, with the images
@@ -351,7 +361,7 @@ class Trainer:
                         live.log_metric(f"train/{k}", row[k])
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{ips:.0f}")
-            if t.proxy is not None and (self.step % t.proxy.every == 0 or self.step == t.steps):
+            if self.proxy_due(self.step):
                 if proxy is not None and self.d.is_main:
                     row = self.proxy_point(proxy)
                     self.proxy_rows.append(row)

@@ -69,8 +69,7 @@ def part_features(images: np.ndarray, net: torch.nn.Module, parts: Path, tag: st
         out.append(feats)
     if kept:
         log.info("%s: %d of %d parts kept from %s", desc, len(kept), len(starts), parts)
-    rate = float(np.mean(rates or kept)) if (rates or kept) else 0.0
-    return (np.concatenate(out) if out else np.zeros((0, 0), np.float32)), rate
+    return np.concatenate(out), float(np.mean(rates or kept))
 
 
 def write_refstats(dataset: str, cfg: DatasetConfig, ref: ReferenceSet, shard_root: str | Path, out: str | Path,
