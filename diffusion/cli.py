@@ -22,6 +22,7 @@ STAGES = {  # command -> module with main(argv)
     "evaluate": "diffusion.stages.evaluate",
     "fourier": "diffusion.stages.fourier",
     "report": "diffusion.stages.report",
+    "claims": "diffusion.stages.claims",
     "flops": "diffusion.stages.flops",
     "recipe": "diffusion.stages.recipe",
     "plan": "diffusion.stages.plan",

@@ -290,6 +290,90 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class ClaimArm:
+    """One arm of the claims (params.yaml claims.arms.<name>): a copy of a run of `runs` or of an ensemble of
+    `ensembles` with some keys set; diffusion.claims turns it into one run (ensemble and experts) per seed."""
+
+    base: str  # the run or ensemble it copies
+    set: dict[str, Any] = dataclasses.field(default_factory=dict)  # dotted keys within the run: {train.steps: 1}
+    experts: dict[str, Any] = dataclasses.field(default_factory=dict)  # an ensemble's arm: set in each expert
+    note: str = ""  # why the arm is what it is, shown in the claim's card
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of a paper, tested by arms (params.yaml claims.claims.<id>)."""
+
+    claim: str  # what the paper says, in one line
+    evidence: str  # where: paper, arXiv id, figure or table
+    # The paper's order, best first: each entry an arm or a group of arms (a group is represented by its best arm);
+    # the verdict tests every adjacent pair by KID, paired by seed.
+    order: tuple[tuple[str, ...], ...]
+    figure: Literal["arms", "compute"] = "arms"  # compute: proxy KID against training PFLOP and minutes as well
+    seeds: tuple[int, ...] | None = None  # None: claims.seeds
+
+    def __post_init__(self) -> None:
+        if len(self.order) < 2 or not all(self.order):
+            raise ConfigError(f"order must list at least two non-empty entries (arms or groups), got {self.order}")
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return tuple(a for group in self.order for a in group)
+
+
+@dataclass(frozen=True)
+class ClaimsConfig:
+    """The papers' claims at this scale (params.yaml `claims`): arms built only in a claims workspace
+    (flows/claims.py, `reproduce-claims`), never by the repository's own `dvc repro`."""
+
+    seeds: tuple[int, ...]  # train.seed of each arm's copies
+    protocol: dict[str, Any]  # dotted keys set in every arm's run (its sample count, reference size, proxy)
+    references: dict[str, ReferenceSet]  # the claims workspace's evaluation.references
+    arms: dict[str, ClaimArm]
+    claims: dict[str, Claim]
+
+    def seeds_of(self, claim: str) -> tuple[int, ...]:
+        return self.claims[claim].seeds or self.seeds
+
+
+def parse_claims(raw: Any, runs: Mapping[str, RunConfig], path: str = "claims") -> ClaimsConfig | None:
+    """The typed claims section (None when absent or empty), its names checked: every base is a run or ensemble,
+    every arm a claim lists is defined, seeds distinct. Arms' keys are checked by building them
+    (diffusion.claims.claims_params)."""
+    if not raw:
+        return None
+    raw = dict(raw)
+    if isinstance(raw.get("claims"), Mapping):  # `order` entries may be an arm name or a list of them
+        raw["claims"] = {cid: _listed_order(c) for cid, c in raw["claims"].items()}
+    cfg = build_dataclass(ClaimsConfig, raw, path)
+    for name, arm in cfg.arms.items():
+        check_name(f"{path}.arms", name)
+        base = runs.get(arm.base)
+        if base is None or base.section == "experts":
+            raise ConfigError(f"params.yaml: {path}.arms.{name}.base must name a run of `runs` or an ensemble of "
+                              f"`ensembles`, got {arm.base!r}")
+        if arm.experts and base.section != "ensembles":
+            raise ConfigError(f"params.yaml: {path}.arms.{name}.experts: {arm.base!r} is not an ensemble; set its "
+                              "keys under `set`")
+    for cid, claim in cfg.claims.items():
+        check_name(f"{path}.claims", cid)
+        for arm in claim.arms:
+            if arm not in cfg.arms:
+                raise ConfigError(f"params.yaml: {path}.claims.{cid}.order names {arm!r}, which is not an arm of "
+                                  f"{path}.arms {sorted(cfg.arms)}")
+        seeds = cfg.seeds_of(cid)
+        if len(set(seeds)) != len(seeds) or not seeds:
+            raise ConfigError(f"params.yaml: {path}.claims.{cid}: seeds must be distinct and at least one, got {seeds}")
+    return cfg
+
+
+def _listed_order(claim: Any) -> Any:
+    if not isinstance(claim, Mapping) or not isinstance(claim.get("order"), list):
+        return claim
+    return dict(claim) | {"order": [[e] if isinstance(e, str) else e for e in claim["order"]]}
+
+
+@dataclass(frozen=True)
 class Params:
     pipeline: PipelineConfig
     datasets: dict[str, DatasetConfig]
@@ -301,6 +385,7 @@ class Params:
     # The `paper` section: paper-scale pipeline, autoencoders, runs and evaluation, for GPUs (never built by
     # `dvc repro`); None when params.yaml has none.
     paper: Params | None = None
+    claims: ClaimsConfig | None = None  # the papers' claims at this scale (a claims workspace builds their arms)
 
     @property
     def all_runs(self) -> dict[str, RunConfig]:
@@ -472,7 +557,7 @@ def check_name(section: str, name: Any) -> None:
 
 
 # The keys of params.yaml's `paper` section: a paper-scale params file that shares `datasets` and `defaults`.
-PAPER_KEYS = ("pipeline", "autoencoders", *RUN_SECTIONS, "evaluation")
+PAPER_KEYS = ("pipeline", "autoencoders", *RUN_SECTIONS, "evaluation", "claims")
 
 
 def paper_section(raw: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -493,13 +578,13 @@ def paper_section(raw: Mapping[str, Any]) -> dict[str, Any] | None:
 def parse_params(raw: Mapping[str, Any], scope: str = "") -> Params:
     """Turn the parsed YAML into typed objects, validating everything (including model overrides and the `paper`
     section)."""
-    top = ("pipeline", "datasets", "autoencoders", "defaults", *RUN_SECTIONS, "evaluation", "paper")
+    top = ("pipeline", "datasets", "autoencoders", "defaults", *RUN_SECTIONS, "evaluation", "claims", "paper")
     if not isinstance(raw, Mapping):
         raise ConfigError(f"params.yaml must be a mapping with keys {', '.join(top)}")
     unknown = sorted(set(raw) - set(top))
     if unknown:
         raise ConfigError(f"params.yaml: unknown top-level key {unknown[0]}; allowed: {', '.join(top)}")
-    for key in top[:-1]:
+    for key in top[:-2]:
         if not isinstance(raw.get(key), Mapping):
             raise ConfigError(f"params.yaml: missing or malformed top-level section {key!r} (a mapping; `{key}: {{}}` "
                               "when empty)")
@@ -540,8 +625,9 @@ def parse_params(raw: Mapping[str, Any], scope: str = "") -> Params:
             paper = parse_params(paper_raw, scope="paper")
         except ConfigError as err:
             raise ConfigError(f"{err} (in params.yaml's `paper` section: the key paths are under paper.)") from None
+    claims = parse_claims(raw.get("claims"), runs)
     return Params(pipeline=pipeline, datasets=datasets, autoencoders=autoencoders, evaluation=evaluation,
-                  paper=paper, **sections)
+                  paper=paper, claims=claims, **sections)
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -1,10 +1,12 @@
 """Deployments of the flows, for a Prefect server at PREFECT_API_URL.
 
-  python -m flows.deploy [serve]           serve reproduce-table2/{smoke,cpu,paper} and ablation/{smoke,cpu}; their runs
-                                           execute as subprocesses of this process, on this machine
+  python -m flows.deploy [serve]           serve reproduce-table2/{smoke,cpu,paper}, reproduce-claims/{smoke,cpu,
+                                           paper} and ablation/{smoke,cpu}; their runs execute as subprocesses of
+                                           this process, on this machine
   python -m flows.deploy wait FLOW/NAME    return once that deployment is registered
-  python -m flows.deploy pool POOL         register reproduce-table2/POOL and ablation/POOL (paper scale) on a work
-                                           pool, code from --source; the pool's workers (GPU machines) run them
+  python -m flows.deploy pool POOL         register reproduce-table2/POOL, reproduce-claims/POOL and ablation/POOL
+                                           (paper scale) on a work pool, code from --source; the pool's workers (GPU
+                                           machines) run them
 
 Trigger one with `prefect deployment run 'reproduce-table2/smoke' --watch` (README, "Prefect" and "Scaling out").
 """
@@ -20,6 +22,7 @@ from prefect import serve
 from prefect.client.orchestration import get_client
 
 from flows.ablation import ablation
+from flows.claims import reproduce_claims
 from flows.table2 import reproduce_table2
 from flows.workspace import repo_root
 
@@ -48,6 +51,24 @@ def deployments() -> list:
             tags=tags,
             description="RIN Table 2 with params.yaml's paper section: the paper's runs (a GPU cluster)",
         ),
+        reproduce_claims.to_deployment(
+            name="smoke",
+            parameters={"scale": "smoke"},
+            tags=tags,
+            description="The papers' claims with every arm shrunk to smoke scale: minutes on a CPU",
+        ),
+        reproduce_claims.to_deployment(
+            name="cpu",
+            parameters={"scale": "cpu"},
+            tags=tags,
+            description="The papers' claims at CPU scale (params.yaml claims); one: --param claims='[\"schedule\"]'",
+        ),
+        reproduce_claims.to_deployment(
+            name="paper",
+            parameters={"scale": "paper"},
+            tags=tags,
+            description="The papers' claims on the paper-scale runs (params.yaml paper.claims): a GPU cluster",
+        ),
         ablation.to_deployment(
             name="smoke",
             parameters={"scale": "smoke", "grid": SMOKE_GRID},
@@ -68,8 +89,10 @@ def to_pool(pool: str, source: str, launcher: str) -> None:
     or a path they share). `launcher` wraps the train and sample stages (flows.tasks.dvc_stage)."""
     from prefect import flow
 
-    entrypoints = {"reproduce-table2": "flows/table2.py:reproduce_table2", "ablation": "flows/ablation.py:ablation"}
-    params = {"reproduce-table2": {"scale": "paper", "launcher": launcher}, "ablation": {"scale": "cpu"}}
+    entrypoints = {"reproduce-table2": "flows/table2.py:reproduce_table2", "ablation": "flows/ablation.py:ablation",
+                   "reproduce-claims": "flows/claims.py:reproduce_claims"}
+    params = {"reproduce-table2": {"scale": "paper", "launcher": launcher}, "ablation": {"scale": "cpu"},
+              "reproduce-claims": {"scale": "paper", "launcher": launcher}}
     for name, entrypoint in entrypoints.items():
         flow.from_source(source=source, entrypoint=entrypoint).deploy(
             name=pool, work_pool_name=pool, parameters=params[name], tags=["rin-meme"], print_next_steps=False

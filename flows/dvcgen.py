@@ -15,6 +15,7 @@ from diffusion.stages.report import RUN_FILES, STAGES
 
 OUTPUTS = "outputs"
 FOURIER_OUT = f"{OUTPUTS}/fourier"
+CLAIMS_OUT = f"{OUTPUTS}/claims"
 
 
 def report_order(params: Params) -> list[RunConfig]:
@@ -37,13 +38,15 @@ def report_stage(template: Mapping[str, Any], params: Params) -> dict[str, Any]:
     and the fourier input rewritten."""
     runs = report_order(params)
     fourier = params.evaluation.fourier is not None
+    claims = params.claims is not None  # the repository's claims stage (a claims workspace has none)
     cmd = ("python -m diffusion.cli report --runs " + " ".join(f"{r.name}={OUTPUTS}/{r.name}" for r in runs)
-           + (f" --fourier {FOURIER_OUT}" if fourier else "")
+           + (f" --fourier {FOURIER_OUT}" if fourier else "") + (f" --claims {CLAIMS_OUT}" if claims else "")
            + f" --recipes recipes.yaml --dvc-lock dvc.lock --out {OUTPUTS}/report")
     files = [f"{OUTPUTS}/{r.name}/" + "/".join(RUN_FILES[key]) for r in runs for key in STAGES[r.section]]
     stage = copy.deepcopy(dict(template))
     stage["cmd"] = cmd
-    stage["deps"] = _code_deps(template) + files + ([FOURIER_OUT] if fourier else [])
+    stage["deps"] = (_code_deps(template) + files + ([FOURIER_OUT] if fourier else [])
+                     + ([CLAIMS_OUT] if claims else []))
     return stage
 
 
@@ -70,9 +73,11 @@ def fourier_stage(template: Mapping[str, Any], params: Params) -> dict[str, Any]
 
 def static_stages(dvc: Mapping[str, Any], params: Params) -> dict[str, Any]:
     """dvc.yaml's data with its report and fourier stages written for `params` (fourier dropped when params have no
-    evaluation.fourier)."""
+    evaluation.fourier, claims when they have no claims: a claims workspace builds the arms, not the verdicts)."""
     out = copy.deepcopy(dict(dvc))
     stages = dict(out["stages"])
+    if params.claims is None:
+        stages.pop("claims", None)
     stages["report"] = report_stage(dvc["stages"]["report"], params)
     fourier = fourier_stage(dvc["stages"]["fourier"], params)
     if fourier is None:

@@ -829,6 +829,30 @@ def _fourier_section(folder: Path, out_dir: Path) -> list[str]:
         "![relative log amplitude against frequency](fourier.png)", ""]
 
 
+def _claims_section(folder: Path, out_dir: Path) -> list[str]:
+    """The papers' claims at this scale (the claims stage, diffusion/stages/claims.py): its table, figures and
+    cards, copied into <out_dir>/claims/."""
+    from diffusion.stages.claims import table_markdown
+
+    lines = ["## The papers' claims at CPU scale", ""]
+    data = folder / "claims.json"
+    if not data.exists():
+        return lines + [f"{DASH}: {Path(folder.name) / 'claims.json'} not found (`dvc repro claims`).", ""]
+    results = _read_json(data)
+    dest = out_dir / "claims"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(folder, dest)
+    built = sum(len(r["arms"]) for r in results)
+    lines += ["Each claim is tested by arms built in a claims workspace (`prefect deployment run "
+              "'reproduce-claims/cpu'`; README, \"The papers' claims\"), every arm from two seeds, scored by KID "
+              "± its spread over subsets; the verdict tests the paper's order pair by pair, paired by seed (each "
+              f"card gives the protocol, every arm's costs and provenance, and the pairs). Arm runs built: {built}.",
+              "", table_markdown(results, link_prefix="claims/"), ""]
+    lines += [f"![{r['id']}](claims/{r['id']}.png)" for r in results if (folder / f"{r['id']}.png").exists()]
+    return lines + [""]
+
+
 def _figures(results: Sequence[RunResult], out_dir: Path, experts: Sequence[RunResult] = ()) -> list[str]:
     """Loss curves (runs and MEME experts), the FID plot and the sample grids (experts have none: their ensembles
     are sampled)."""
@@ -883,12 +907,13 @@ HEADER = [
 def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], run_dirs: Mapping[str, Path],
                  out_dir: Path, ensembles: Mapping[str, Sequence[str]] | None = None,
                  fourier: Path | None = None, differing: Mapping[str, Sequence[str]] | None = None,
-                 provenance: Provenance | None = None) -> Path:
+                 provenance: Provenance | None = None, claims: Path | None = None) -> Path:
     """out_dir: report.md, cards/<run>.md (one per table row), <table>.csv (every column) and <table>.tex (the
     Markdown's columns) per paper table, loss.png (fid.png), grids/. `run_dirs`: each run's folder (outputs/<run>).
     `ensembles`: each MEME ensemble's expert runs, whose training its rows and the loss curves show. `fourier`: the
     fourier stage's folder, whose figure gets a section (none when None). `differing`: each mapped run's settings
-    that differ from its paper row's recipe (recipes.yaml). `provenance`: the commit and dvc.lock for the cards."""
+    that differ from its paper row's recipe (recipes.yaml). `provenance`: the commit and dvc.lock for the cards.
+    `claims`: the claims stage's folder, whose table gets a section (none when None)."""
     check_mapping(mapping)
     prov = provenance or Provenance("unknown")
     ensembles = dict(ensembles or {})
@@ -918,6 +943,8 @@ def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], run
     if unplaced:
         lines += ["Runs in no table (add them to params.yaml evaluation.report): "
                   + ", ".join(f"`{n}`" for n in unplaced) + ".", ""]
+    if claims is not None:
+        lines += _claims_section(claims, out_dir)
     lines += ["## Provenance", "", f"Commit: `{prov.commit}`. DVC: "
               + ("each card gives its evaluate stage's digest from dvc.lock." if prov.lock is not None
                  else f"{prov.lock_note}."), "", *_card_lines(placed), *_ensemble_lines(ensembles), ""]
@@ -948,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the folder of every run, expert and ensemble the report reads, e.g. "
                         "rin_fmnist=outputs/rin_fmnist")
     p.add_argument("--fourier", help="the fourier stage's folder (outputs/fourier); without it, no frequency section")
+    p.add_argument("--claims", help="the claims stage's folder (outputs/claims); without it, no claims section")
     p.add_argument("--out", required=True, help="the report folder (outputs/report)")
     p.add_argument("--recipes", default=str(RECIPES_FILE), help="the papers' recipes (default: recipes.yaml)")
     p.add_argument("--dvc-lock", help="the project's dvc.lock, for each card's evaluate stage digest (read, not a DVC "
@@ -958,6 +986,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write_report(params.evaluation.report, sorted(params.all_runs), named_paths(args.runs, "--runs"),
                         out_folder(args.out), ensembles, fourier=Path(args.fourier) if args.fourier else None,
                         differing=recipe_differences(params, args.recipes),
-                        provenance=Provenance(git_commit(), *read_lock(Path(args.dvc_lock) if args.dvc_lock else None)))
+                        provenance=Provenance(git_commit(), *read_lock(Path(args.dvc_lock) if args.dvc_lock else None)),
+                        claims=Path(args.claims) if args.claims else None)
     print(f"wrote {path}")
     return 0
