@@ -3,9 +3,11 @@ claims in the claims workspace .flows/workspaces/claims-<scale>/ (each arm and s
 and resumable like every other), records each built arm in results/claims/<scale>/arms/ and draws the verdicts
 (diffusion/stages/claims.py): at cpu scale the repository's `claims` stage, whose table the report shows.
 
-An arm whose record matches its configuration (the fingerprint of its run, experts, defaults, dataset and reference
-set) is not built again, so the set can be built over several sittings, on machines that do not share a DVC cache,
-with the records committed between them. `python -m flows.claims --scale smoke --claims schedule` runs it once."""
+Arms are built one after another, each recorded as soon as it is scored; an arm whose record matches its
+configuration (the fingerprint of its run, experts, defaults, dataset and reference set) is not built again. So the
+set can be built over several sittings, even on machines that share no DVC cache, by committing the records between
+them; a sitting cut short loses at most the arm it was building (whose checkpoints resume it on the same machine).
+`python -m flows.claims --scale smoke --claims schedule` runs it once."""
 
 from __future__ import annotations
 
@@ -154,10 +156,11 @@ def reproduce_claims(
     log.info("claims %s at %s scale: %d arm runs to build, %d kept from %s", chosen, scale, len(build), len(kept),
              records)
     stages: dict[str, dict] = {}
-    if build:
-        targets = [eval_stage(workspace_raw, arm_run_name(a, s)) for a, s in build]
-        stages = run_stages(workspace, targets, result_storage(repo), parallel, launcher)
-        record_arms(str(workspace), str(repo), scale, build)
+    for i, (arm, seed) in enumerate(build, start=1):  # one arm at a time, recorded as soon as it is scored
+        run = arm_run_name(arm, seed)
+        log.info("arm %d of %d: %s", i, len(build), run)
+        stages |= run_stages(workspace, [eval_stage(workspace_raw, run)], result_storage(repo), parallel, launcher)
+        record_arms(str(workspace), str(repo), scale, [(arm, seed)])
     if scale == "cpu":  # the repository's own stage: `dvc repro claims` draws the same table
         stages |= run_stages(repo, [CLAIMS_STAGE], result_storage(repo), parallel, launcher)
         out = repo / "outputs" / "claims"
