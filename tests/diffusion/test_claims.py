@@ -157,7 +157,8 @@ def test_verdict_supported_only_when_every_pair_holds():
 def _record(arm, seed, kid, workspace, **ev):
     run = f"{arm}_s{seed}"
     return {"version": RECORD_VERSION, "arm": arm, "seed": seed, "run": run,
-            "fingerprint": arm_fingerprint(workspace, run), "commit": "abc123", "stage_digests": {f"evaluate@{run}": "d"},
+            "fingerprint": arm_fingerprint(workspace, run), "commit": "abc123",
+            "stage_digests": {f"evaluate@{run}": "d"},
             "eval": {"kid": kid, "kid_std": 0.001, "fid": 50.0, "num_samples": 1024, "num_reference": 10000,
                      "reference_split": "train", "sampler": "ddpm", "sampling_steps": 100, "kid_subsets": 100,
                      "kid_subset_size": 512, "feature_network": "TF-Inception", "model_params": 1000,

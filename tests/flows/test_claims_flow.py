@@ -13,7 +13,7 @@ import yaml
 from diffusion.config import load_params, load_yaml
 from flows.claims import RESULTS, workspace_overrides
 from flows.workspace import sync_workspace
-from tests.flows.test_flows import REPO, clone, needs_data, task_states  # noqa: F401 (clone: a fixture)
+from tests.flows.test_flows import REPO, needs_data, task_states
 
 RAW = load_yaml(REPO / "params.yaml")
 
