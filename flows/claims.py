@@ -103,9 +103,13 @@ def arm_record(workspace: Path, workspace_raw: Mapping[str, Any], arm: str, seed
     lock, why = read_lock(workspace / "dvc.lock")
     train_stage, sample_stage, eval_stage = ARM_STAGES[run.section]
     stages = [f"{train_stage}@{n.name}" for n in nets] + [f"{sample_stage}@{name}", f"{eval_stage}@{name}"]
+    interval = workspace / "outputs" / name / "eval" / "interval_loss.json"  # ensembles: each expert's own interval
+    if interval.exists():
+        stages.append(f"interval_loss@{name}")
     digests = {s: stage_digest(lock[s]) if lock and s in lock else f"not in dvc.lock ({why or 'stage not run'})"
                for s in stages}
     return {"version": RECORD_VERSION, "arm": arm, "seed": seed, "run": name,
+            "interval_loss": read_json(interval) if interval.exists() else None,
             "fingerprint": arm_fingerprint(workspace_raw, name), "commit": commit, "stage_digests": digests,
             "eval": ev, "train": [_trained(workspace, n.name, n) for n in nets]}
 
@@ -159,7 +163,9 @@ def reproduce_claims(
     for i, (arm, seed) in enumerate(build, start=1):  # one arm at a time, recorded as soon as it is scored
         run = arm_run_name(arm, seed)
         log.info("arm %d of %d: %s", i, len(build), run)
-        stages |= run_stages(workspace, [eval_stage(workspace_raw, run)], result_storage(repo), parallel, launcher)
+        targets = [eval_stage(workspace_raw, run)] + ([f"interval_loss@{run}"] if run in workspace_raw["ensembles"]
+                                                       else [])
+        stages |= run_stages(workspace, targets, result_storage(repo), parallel, launcher)
         record_arms(str(workspace), str(repo), scale, [(arm, seed)])
     if scale == "cpu":  # the repository's own stage: `dvc repro claims` draws the same table
         stages |= run_stages(repo, [CLAIMS_STAGE], result_storage(repo), parallel, launcher)
