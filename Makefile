@@ -51,7 +51,7 @@ lint: setup
 # Orchestration (README, "Prefect"): the local Prefect server (SQLite in .prefect/), the served deployments, and a
 # smoke-scale run of each, triggered the way users do. Only these targets see PREFECT_API_URL (tests start their own).
 PREFECT_PORT ?= 4200
-PREFECT_TARGETS := prefect-server serve table2-smoke ablation-smoke
+PREFECT_TARGETS := prefect-server serve table2-smoke ablation-smoke claims-smoke
 .PHONY: $(PREFECT_TARGETS)
 $(PREFECT_TARGETS): export PREFECT_API_URL := http://127.0.0.1:$(PREFECT_PORT)/api
 $(PREFECT_TARGETS): export PREFECT_HOME := $(abspath .prefect)
@@ -69,3 +69,7 @@ table2-smoke: setup
 ablation-smoke: setup
 	$(PY) -m flows.deploy wait ablation/smoke
 	prefect deployment run 'ablation/smoke' --watch
+
+claims-smoke: setup
+	$(PY) -m flows.deploy wait reproduce-claims/smoke
+	prefect deployment run 'reproduce-claims/smoke' --watch

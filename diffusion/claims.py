@@ -71,7 +71,8 @@ def claims_overrides(raw: Mapping[str, Any], only: Sequence[str] | None = None) 
     """The top-level keys that turn params.yaml data into a claims workspace's (flows/workspace.py applies them):
     `runs`, `experts` and `ensembles` replaced by the arms of the chosen claims (`only`; all when None), one per
     seed, each its base run with claims.protocol, the arm's keys and `train.seed` set (an ensemble's experts get the
-    arm's `experts` keys and the seed); evaluation.references from claims.references; no paper tables, frequency
+    arm's `experts` keys and the seed); only the datasets and autoencoders they use; evaluation.references from
+    claims.references; no paper tables, frequency
     figure, paper or claims section (the claims' bases are not in the workspace; verdicts are drawn in the
     repository, diffusion/stages/claims.py). Checked by parsing the result."""
     cfg = claims_of(raw)
@@ -92,9 +93,12 @@ def claims_overrides(raw: Mapping[str, Any], only: Sequence[str] | None = None) 
                 run = set_dotted(run, {"model.experts": names})
             sections[section][arm_run_name(arm_name, seed)] = run
     datasets = {r["dataset"] for s in sections.values() for r in s.values()}
+    autoencoders = {k: unshared(v) for k, v in raw.get("autoencoders", {}).items() if k in datasets}
+    sources = datasets | {a["dataset"] for a in autoencoders.values()}  # a latent dataset's shards need its source's
     evaluation = {k: unshared(v) for k, v in raw["evaluation"].items() if k != "fourier"}
     out = sections | {
-        "pipeline": unshared(raw["pipeline"]) | {"datasets": [d for d in raw["pipeline"]["datasets"] if d in datasets]},
+        "pipeline": unshared(raw["pipeline"]) | {"datasets": [d for d in raw["pipeline"]["datasets"] if d in sources]},
+        "autoencoders": autoencoders,
         "evaluation": evaluation | {"references": unshared(raw["claims"]["references"]), "report": {}},
         "claims": {},
         "paper": {},

@@ -21,6 +21,7 @@ STAGES = {  # command -> module with main(argv)
     "refstats": "diffusion.stages.refstats",
     "evaluate": "diffusion.stages.evaluate",
     "fourier": "diffusion.stages.fourier",
+    "interval_loss": "diffusion.stages.interval_loss",
     "report": "diffusion.stages.report",
     "claims": "diffusion.stages.claims",
     "flops": "diffusion.stages.flops",

@@ -3,9 +3,11 @@ claims in the claims workspace .flows/workspaces/claims-<scale>/ (each arm and s
 and resumable like every other), records each built arm in results/claims/<scale>/arms/ and draws the verdicts
 (diffusion/stages/claims.py): at cpu scale the repository's `claims` stage, whose table the report shows.
 
-An arm whose record matches its configuration (the fingerprint of its run, experts, defaults, dataset and reference
-set) is not built again, so the set can be built over several sittings, on machines that do not share a DVC cache,
-with the records committed between them. `python -m flows.claims --scale smoke --claims schedule` runs it once."""
+Arms are built one after another, each recorded as soon as it is scored; an arm whose record matches its
+configuration (the fingerprint of its run, experts, defaults, dataset and reference set) is not built again. So the
+set can be built over several sittings, even on machines that share no DVC cache, by committing the records between
+them; a sitting cut short loses at most the arm it was building (whose checkpoints resume it on the same machine).
+`python -m flows.claims --scale smoke --claims schedule` runs it once."""
 
 from __future__ import annotations
 
@@ -101,9 +103,13 @@ def arm_record(workspace: Path, workspace_raw: Mapping[str, Any], arm: str, seed
     lock, why = read_lock(workspace / "dvc.lock")
     train_stage, sample_stage, eval_stage = ARM_STAGES[run.section]
     stages = [f"{train_stage}@{n.name}" for n in nets] + [f"{sample_stage}@{name}", f"{eval_stage}@{name}"]
+    interval = workspace / "outputs" / name / "eval" / "interval_loss.json"  # ensembles: each expert's own interval
+    if interval.exists():
+        stages.append(f"interval_loss@{name}")
     digests = {s: stage_digest(lock[s]) if lock and s in lock else f"not in dvc.lock ({why or 'stage not run'})"
                for s in stages}
     return {"version": RECORD_VERSION, "arm": arm, "seed": seed, "run": name,
+            "interval_loss": read_json(interval) if interval.exists() else None,
             "fingerprint": arm_fingerprint(workspace_raw, name), "commit": commit, "stage_digests": digests,
             "eval": ev, "train": [_trained(workspace, n.name, n) for n in nets]}
 
@@ -154,10 +160,13 @@ def reproduce_claims(
     log.info("claims %s at %s scale: %d arm runs to build, %d kept from %s", chosen, scale, len(build), len(kept),
              records)
     stages: dict[str, dict] = {}
-    if build:
-        targets = [eval_stage(workspace_raw, arm_run_name(a, s)) for a, s in build]
-        stages = run_stages(workspace, targets, result_storage(repo), parallel, launcher)
-        record_arms(str(workspace), str(repo), scale, build)
+    for i, (arm, seed) in enumerate(build, start=1):  # one arm at a time, recorded as soon as it is scored
+        run = arm_run_name(arm, seed)
+        log.info("arm %d of %d: %s", i, len(build), run)
+        targets = [eval_stage(workspace_raw, run)] + ([f"interval_loss@{run}"] if run in workspace_raw["ensembles"]
+                                                       else [])
+        stages |= run_stages(workspace, targets, result_storage(repo), parallel, launcher)
+        record_arms(str(workspace), str(repo), scale, [(arm, seed)])
     if scale == "cpu":  # the repository's own stage: `dvc repro claims` draws the same table
         stages |= run_stages(repo, [CLAIMS_STAGE], result_storage(repo), parallel, launcher)
         out = repo / "outputs" / "claims"

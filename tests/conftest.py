@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +24,14 @@ def fashion_mnist():
 def fid_inception():
     """The FID Inception weights (fetched into the cache on a miss); missing, the test fails."""
     return require_fid_inception()
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git clone of this repository's HEAD (commit first to test your changes), one per test module."""
+    root = tmp_path_factory.mktemp("clone") / "repo"
+    subprocess.run(["git", "clone", "-q", str(Path(__file__).resolve().parents[1]), str(root)], check=True)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -143,6 +143,19 @@ def card_markdown(res: Mapping[str, Any]) -> str:
         lines.append(f"| {r['run']} | {ev['kid']:.4f} ± {ev['kid_std']:.4f} | {ev['fid']:.1f} | "
                      f"{sum(n['minutes'] for n in nets):.1f} | {sum(n['train_pflop'] for n in nets):.4f} | "
                      f"{ev.get('model_params', '—'):,} | {ev.get('gflops_per_image', float('nan')):.3f} |")
+    losses = [r for r in records if r.get("interval_loss")]
+    if losses:
+        count = len(losses[0]["interval_loss"]["per_interval"])
+        lines += ["", "## Each expert on its own interval", "",
+                  f"Loss (the training objective) of {losses[0]['interval_loss']['images']} test images at "
+                  f"{len(losses[0]['interval_loss']['times'][0])} times inside each interval, the same noise for "
+                  "every run (diffusion/stages/interval_loss.py); interval n is expert n's.", "",
+                  "| run | " + " | ".join(f"t in ({n}/{count}, {n + 1}/{count}]" for n in range(count)) + " | mean |",
+                  "|---|" + "---|" * (count + 1)]
+        for r in losses:
+            il = r["interval_loss"]
+            lines.append(f"| {r['run']} | " + " | ".join(f"{v:.4f}" for v in il["per_interval"])
+                         + f" | {il['overall']:.4f} |")
     if res.get("comparisons"):
         lines += ["", "## Pairs", "", "| better (claimed) | worse | KID better | KID worse | difference ± se | z | |",
                   "|---|---|---|---|---|---|---|"]

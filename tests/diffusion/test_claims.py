@@ -157,7 +157,8 @@ def test_verdict_supported_only_when_every_pair_holds():
 def _record(arm, seed, kid, workspace, **ev):
     run = f"{arm}_s{seed}"
     return {"version": RECORD_VERSION, "arm": arm, "seed": seed, "run": run,
-            "fingerprint": arm_fingerprint(workspace, run), "commit": "abc123", "stage_digests": {f"evaluate@{run}": "d"},
+            "fingerprint": arm_fingerprint(workspace, run), "commit": "abc123",
+            "stage_digests": {f"evaluate@{run}": "d"},
             "eval": {"kid": kid, "kid_std": 0.001, "fid": 50.0, "num_samples": 1024, "num_reference": 10000,
                      "reference_split": "train", "sampler": "ddpm", "sampling_steps": 100, "kid_subsets": 100,
                      "kid_subset_size": 512, "feature_network": "TF-Inception", "model_params": 1000,
@@ -172,6 +173,11 @@ def test_claims_stage_draws_table_cards_and_figures_from_records(tmp_path, raw, 
     for seed in (0, 1):
         write_record(records, _record("rin", seed, 0.06 + seed * 0.001, workspace))
         write_record(records, _record("rin_cosine", seed, 0.09 + seed * 0.001, workspace))
+    for arm, kid, losses in (("meme", 0.05, [0.3, 0.2, 0.1, 0.05]), ("meme_hard", 0.07, [0.25, 0.2, 0.1, 0.06])):
+        for seed in (0, 1):
+            interval = {"per_interval": losses, "overall": sum(losses) / 4, "images": 512,
+                        "times": [[0.1, 0.2]] * 4}
+            write_record(records, _record(arm, seed, kid, workspace) | {"interval_loss": interval})
     stale = _record("rin_rw4", 0, 0.05, workspace) | {"fingerprint": "0" * 64}  # of another configuration
     write_record(records, stale)
     out = tmp_path / "claims"
@@ -187,8 +193,11 @@ def test_claims_stage_draws_table_cards_and_figures_from_records(tmp_path, raw, 
     assert "rin 0.0605 ± 0.0007 > rin_cosine 0.0905 ± 0.0007" in table
     card = (out / "cards" / "schedule.md").read_text()
     assert "| rin_cosine_s1 | 0.0910 ± 0.0010 |" in card and "abc123" in card and "1,024 samples" in card
-    assert (out / "schedule.png").stat().st_size > 1000 and not (out / "meme.png").exists()
-    assert set(read_records(records)) == {"rin_s0", "rin_s1", "rin_cosine_s0", "rin_cosine_s1", "rin_rw4_s0"}
+    assert (out / "schedule.png").stat().st_size > 1000 and (out / "read_write.png").exists()  # what is built
+    assert results["soft_assignment"]["verdict"] == "supported"
+    soft = (out / "cards" / "soft_assignment.md").read_text()
+    assert "| meme_hard_s1 | 0.2500 | 0.2000 | 0.1000 | 0.0600 | 0.1525 |" in soft and "t in (0/4, 1/4]" in soft
+    assert len(read_records(records)) == 9
 
 
 def test_a_damaged_record_is_an_error_naming_it(tmp_path):

@@ -384,14 +384,6 @@ DEFAULT_CHAIN = ["shard@fashion_mnist", "train@rin_fmnist", "sample@rin_fmnist",
                  "evaluate@rin_fmnist"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    """A git clone of this repository's HEAD (commit first to test your changes)."""
-    root = tmp_path_factory.mktemp("clone") / "repo"
-    subprocess.run(["git", "clone", "-q", str(REPO), str(root)], check=True)
-    return root
-
-
 def env_with_venv() -> dict[str, str]:
     return os.environ | {"PATH": f"{Path(PY).parent}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
 
