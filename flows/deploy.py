@@ -30,58 +30,29 @@ API_ENV = "PREFECT_API_URL"
 SMOKE_GRID = {"runs.rin_fmnist.train.self_cond_rate": [0.0, 0.9]}  # RIN's self-conditioning ablation, in miniature
 
 
+# (flow, deployment name, parameters, description) of every served deployment
+DEPLOYMENTS = [
+    (reproduce_table2, "smoke", {"scale": "smoke"},
+     "RIN Table 2 with a tiny configuration of its runs: minutes on a CPU"),
+    (reproduce_table2, "cpu", {"scale": "cpu"}, "RIN Table 2 with params.yaml as it is (what `dvc repro` builds)"),
+    (reproduce_table2, "paper", {"scale": "paper"},
+     "RIN Table 2 with params.yaml's paper section: the paper's runs (a GPU cluster)"),
+    (reproduce_claims, "smoke", {"scale": "smoke"},
+     "The papers' claims with every arm shrunk to smoke scale: minutes on a CPU"),
+    (reproduce_claims, "cpu", {"scale": "cpu"},
+     "The papers' claims at CPU scale (params.yaml claims); one: --param claims='[\"schedule\"]'"),
+    (reproduce_claims, "paper", {"scale": "paper"},
+     "The papers' claims on the paper-scale runs (params.yaml paper.claims): a GPU cluster"),
+    (ablation, "smoke", {"scale": "smoke", "grid": SMOKE_GRID},
+     "A grid of params.yaml overrides as DVC experiments, each run shrunk to smoke scale"),
+    (ablation, "cpu", {"scale": "cpu"},
+     "A grid of params.yaml overrides as DVC experiments; pass --param grid='{...}'"),
+]
+
+
 def deployments() -> list:
-    tags = ["rin-meme"]
-    return [
-        reproduce_table2.to_deployment(
-            name="smoke",
-            parameters={"scale": "smoke"},
-            tags=tags,
-            description="RIN Table 2 with a tiny configuration of its runs: minutes on a CPU",
-        ),
-        reproduce_table2.to_deployment(
-            name="cpu",
-            parameters={"scale": "cpu"},
-            tags=tags,
-            description="RIN Table 2 with params.yaml as it is (what `dvc repro` builds)",
-        ),
-        reproduce_table2.to_deployment(
-            name="paper",
-            parameters={"scale": "paper"},
-            tags=tags,
-            description="RIN Table 2 with params.yaml's paper section: the paper's runs (a GPU cluster)",
-        ),
-        reproduce_claims.to_deployment(
-            name="smoke",
-            parameters={"scale": "smoke"},
-            tags=tags,
-            description="The papers' claims with every arm shrunk to smoke scale: minutes on a CPU",
-        ),
-        reproduce_claims.to_deployment(
-            name="cpu",
-            parameters={"scale": "cpu"},
-            tags=tags,
-            description="The papers' claims at CPU scale (params.yaml claims); one: --param claims='[\"schedule\"]'",
-        ),
-        reproduce_claims.to_deployment(
-            name="paper",
-            parameters={"scale": "paper"},
-            tags=tags,
-            description="The papers' claims on the paper-scale runs (params.yaml paper.claims): a GPU cluster",
-        ),
-        ablation.to_deployment(
-            name="smoke",
-            parameters={"scale": "smoke", "grid": SMOKE_GRID},
-            tags=tags,
-            description="A grid of params.yaml overrides as DVC experiments, each run shrunk to smoke scale",
-        ),
-        ablation.to_deployment(
-            name="cpu",
-            parameters={"scale": "cpu"},
-            tags=tags,
-            description="A grid of params.yaml overrides as DVC experiments; pass --param grid='{...}'",
-        ),
-    ]
+    return [flow.to_deployment(name=name, parameters=parameters, tags=["rin-meme"], description=description)
+            for flow, name, parameters, description in DEPLOYMENTS]
 
 
 def to_pool(pool: str, source: str, launcher: str) -> None:
