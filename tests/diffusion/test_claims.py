@@ -214,3 +214,20 @@ def test_write_claims_without_records_says_what_to_build(tmp_path, raw, workspac
     results = write_claims(cfg, workspace, tmp_path / "none", tmp_path / "out")
     assert all(r["verdict"] is None and r["reason"].startswith("not built") for r in results)
     assert "**not built**" in (tmp_path / "out" / "claims.md").read_text()
+
+
+def test_report_shows_the_claims_table_with_cards_and_figures(tmp_path, workspace):
+    from diffusion.stages.report import _claims_section
+
+    records = tmp_path / "arms"
+    for seed in (0, 1):
+        write_record(records, _record("rin", seed, 0.06, workspace))
+        write_record(records, _record("rin_cosine", seed, 0.05, workspace))
+    write_claims(load_params(REPO / "params.yaml").claims, workspace, records, tmp_path / "claims")
+    report = tmp_path / "report"
+    report.mkdir()
+    text = "\n".join(_claims_section(tmp_path / "claims", report))
+    assert "| The sigmoid training schedule (tau 0.9) beats cosine |" in text and "**not supported**" in text
+    assert "[card](claims/cards/schedule.md)" in text and "![schedule](claims/schedule.png)" in text
+    assert (report / "claims" / "cards" / "schedule.md").exists() and (report / "claims" / "schedule.png").exists()
+    assert "not found" in "\n".join(_claims_section(tmp_path / "nowhere", report))
