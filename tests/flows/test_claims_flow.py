@@ -68,3 +68,46 @@ def test_smoke_claim_through_prefect_records_its_arms_then_keeps_them(prefect_se
     assert not ran  # nothing was handed to DVC: every arm's record is current
     ws = yaml.safe_load((clone / ".flows/workspaces/claims-smoke/params.yaml").read_text())
     assert ws["runs"]["rin_s0"]["train"]["steps"] == 20  # smoke scale shrank the arms
+
+
+def test_an_arm_with_a_current_record_is_kept_and_a_changed_one_rebuilt(tmp_path):
+    from diffusion.claims import claims_overrides
+    from diffusion.stages.claims import write_record
+    from diffusion.typed import set_dotted
+    from flows.claims import arms_to_build
+    from tests.diffusion.test_claims import _record
+
+    ws = set_dotted(RAW, claims_overrides(RAW))
+    for seed in (0, 1):
+        write_record(tmp_path, _record("rin", seed, 0.06, ws))
+    write_record(tmp_path, _record("rin_cosine", 0, 0.06, ws) | {"fingerprint": "0" * 64})
+    build, kept = arms_to_build(RAW, ws, ["schedule"], tmp_path, rebuild=False)
+    assert kept == [("rin", 0), ("rin", 1)] and build == [("rin_cosine", 0), ("rin_cosine", 1)]
+    build, kept = arms_to_build(RAW, ws, ["schedule"], tmp_path, rebuild=True)
+    assert not kept and len(build) == 4
+
+
+@pytest.mark.usefixtures("fashion_mnist")
+def test_dvc_repro_claims_draws_the_verdicts_from_committed_records(tmp_path):
+    """The repository's `claims` stage under real DVC: records in results/claims/cpu/arms -> outputs/claims, then
+    `dvc status` clean; a new record makes it stale."""
+    from diffusion.claims import claims_overrides
+    from diffusion.stages.claims import write_record
+    from diffusion.typed import set_dotted
+    from tests.diffusion.test_claims import _record
+    from tests.flows.test_flows import dvc, dvc_status, working_tree_copy
+
+    root = working_tree_copy(tmp_path / "repo")
+    raw = load_yaml(root / "params.yaml")
+    ws = set_dotted(raw, claims_overrides(raw))
+    arms = root / "results/claims/cpu/arms"
+    for seed in (0, 1):
+        write_record(arms, _record("rin", seed, 0.050, ws))
+        write_record(arms, _record("rin_cosine", seed, 0.051, ws))
+    proc = dvc(root, "repro", "claims")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = {r["id"]: r for r in json.loads((root / "outputs/claims/claims.json").read_text())}
+    assert results["schedule"]["verdict"] == "inconclusive"  # 0.001 apart with a subset spread of 0.001 each
+    assert dvc_status(root, "claims") == {}
+    write_record(arms, _record("rin_rw4", 0, 0.04, ws))
+    assert "claims" in dvc_status(root, "claims")
