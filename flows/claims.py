@@ -26,8 +26,8 @@ from prefect.cache_policies import NO_CACHE
 from diffusion import flops
 from diffusion.claims import arm_fingerprint, arm_run_name, arm_seeds, chosen_claims, claims_of, claims_overrides
 from diffusion.config import paper_section, parse_params
-from diffusion.stages.claims import RECORD_VERSION, read_json, write_claims, write_record
-from diffusion.stages.report import git_commit, read_lock, stage_digest
+from diffusion.stages.claims import RECORD_VERSION, arm_state, read_json, read_records, write_claims, write_record
+from diffusion.stages.report import STAGES, git_commit, read_lock, stage_digest
 from diffusion.typed import ConfigError, set_dotted
 from flows.results import result_storage
 from flows.scale import Scale, paper_overrides, smoke_overrides
@@ -63,22 +63,14 @@ def workspace_overrides(raw: dict[str, Any], scale: str) -> dict[str, Any]:
 
 def arms_to_build(raw: dict[str, Any], workspace_raw: dict[str, Any], claims: Sequence[str], records: Path,
                   rebuild: bool) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """(arms and seeds to build, arms and seeds whose current record is kept)."""
-    cfg = claims_of(raw)
+    """(arms and seeds to build, arms and seeds whose current record is kept), by the claims stage's own rule."""
+    states = arm_state(workspace_raw, read_records(records))
     build, kept = [], []
-    for arm, seeds in arm_seeds(cfg, claims).items():
+    for arm, seeds in arm_seeds(claims_of(raw), claims).items():
         for seed in seeds:
-            run = arm_run_name(arm, seed)
-            path = records / f"{run}.json"
-            current = (not rebuild and path.exists()
-                       and json.loads(path.read_text()).get("fingerprint") == arm_fingerprint(workspace_raw, run))
+            current = not rebuild and states[arm_run_name(arm, seed)][0] == "ok"
             (kept if current else build).append((arm, seed))
     return build, kept
-
-
-# The stages that build an arm in a claims workspace, by the section of its run (dvc.yaml's names)
-ARM_STAGES = {"runs": ("train", "sample", "evaluate"), "ensembles": ("train_expert", "sample_ensemble",
-                                                                   "evaluate_ensemble")}
 
 
 def _trained(workspace: Path, name: str, run_cfg: Any) -> dict[str, Any]:
@@ -101,8 +93,8 @@ def arm_record(workspace: Path, workspace_raw: Mapping[str, Any], arm: str, seed
     nets = run.experts or (run,)
     ev = read_json(workspace / "outputs" / name / "eval" / "metrics.json")
     lock, why = read_lock(workspace / "dvc.lock")
-    train_stage, sample_stage, eval_stage = ARM_STAGES[run.section]
-    stages = [f"{train_stage}@{n.name}" for n in nets] + [f"{sample_stage}@{name}", f"{eval_stage}@{name}"]
+    stages = ([f"{STAGES[n.section]['train']}@{n.name}" for n in nets]
+              + [f"{STAGES[run.section]['grid']}@{name}", f"{STAGES[run.section]['eval']}@{name}"])
     interval = workspace / "outputs" / name / "eval" / "interval_loss.json"  # ensembles: each expert's own interval
     if interval.exists():
         stages.append(f"interval_loss@{name}")
@@ -131,7 +123,7 @@ def draw_verdicts(raw: dict[str, Any], workspace_raw: dict[str, Any], records: s
 
 
 def eval_stage(workspace_raw: dict[str, Any], run: str) -> str:
-    return f"{'evaluate_ensemble' if run in workspace_raw['ensembles'] else 'evaluate'}@{run}"
+    return f"{STAGES['ensembles' if run in workspace_raw['ensembles'] else 'runs']['eval']}@{run}"
 
 
 @flow(name="reproduce-claims", flow_run_name="claims-{scale}")

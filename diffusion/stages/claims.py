@@ -10,7 +10,7 @@ fingerprint differs from what params.yaml now builds is stale: its claim shows n
 from __future__ import annotations
 
 import json
-import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -97,19 +97,12 @@ def protocol_of(records: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(protocols) if protocols else "not built yet"
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
-
-
 def arm_summary(result: Mapping[str, Any], arm: str) -> str:
     """`arm KID mean +- seed std (n)`, from the records present."""
     kids = [r["eval"]["kid"] for r in result["arms"].values() if r["arm"] == arm]
     if not kids:
         return f"{arm} —"
-    mean, std = _mean_std(kids)
-    return f"{arm} {mean:.4f}" + (f" ± {std:.4f}" if len(kids) > 1 else "")
+    return f"{arm} {statistics.fmean(kids):.4f}" + (f" ± {statistics.stdev(kids):.4f}" if len(kids) > 1 else "")
 
 
 def table_markdown(results: Sequence[Mapping[str, Any]], link_prefix: str = "") -> str:
@@ -142,7 +135,7 @@ def card_markdown(res: Mapping[str, Any]) -> str:
         ev, nets = r["eval"], r["train"]
         lines.append(f"| {r['run']} | {ev['kid']:.4f} ± {ev['kid_std']:.4f} | {ev['fid']:.1f} | "
                      f"{sum(n['minutes'] for n in nets):.1f} | {sum(n['train_pflop'] for n in nets):.4f} | "
-                     f"{ev.get('model_params', '—'):,} | {ev.get('gflops_per_image', float('nan')):.3f} |")
+                     f"{ev['model_params']:,} | {ev['gflops_per_image']:.3f} |")
     losses = [r for r in records if r.get("interval_loss")]
     if losses:
         count = len(losses[0]["interval_loss"]["per_interval"])
@@ -195,6 +188,7 @@ def plot_claim(res: Mapping[str, Any], path: Path) -> bool:
     ax.set_ylabel("KID (lower is better)")
     ax.set_title(f"{res['id']}: the paper's order, best first", fontsize="medium")
     if compute:
+        proxy = "proxy KID"
         for i, arm in enumerate(arms):
             for r in (r for r in res["arms"].values() if r["arm"] == arm):
                 rows = sorted(r["train"][0]["proxy"], key=lambda row: row["step"])
@@ -207,10 +201,11 @@ def plot_claim(res: Mapping[str, Any], path: Path) -> bool:
                                  (axes[2], [row["images_seen"] * minutes for row in rows])):
                     axis.plot(xs, [row["kid"] for row in rows], marker="o", color=colors[i % len(colors)],
                               label=label, alpha=0.8)
+                proxy = f"proxy KID ({rows[0]['proxy_samples']} samples, {rows[0]['proxy_sampling_steps']} steps)"
         axes[1].set_xlabel("training PFLOP (counted)")
         axes[2].set_xlabel("training minutes (2 CPU cores)")
         for axis in axes[1:]:
-            axis.set_ylabel("proxy KID (512 samples, 50 steps)")
+            axis.set_ylabel(proxy)
             axis.set_xscale("log")
             axis.grid(alpha=0.3)
         axes[1].legend(fontsize="x-small")

@@ -165,7 +165,8 @@ def _record(arm, seed, kid, workspace, **ev):
                      "gflops_per_image": 0.2, "samples_sha256": "f" * 64} | ev,
             "train": [{"run": run, "steps": 10, "images_seen": 320, "images_per_s": 100.0, "minutes": 0.05,
                        "final_loss": 0.1, "train_flops_per_example": 1e9, "train_pflop": 3.2e-4,
-                       "proxy": [{"step": 5, "images_seen": 160, "kid": kid + 0.01}]}]}
+                       "proxy": [{"step": 5, "images_seen": 160, "kid": kid + 0.01, "proxy_samples": 16,
+                                  "proxy_sampling_steps": 2}]}]}
 
 
 def test_claims_stage_draws_table_cards_and_figures_from_records(tmp_path, raw, workspace):
