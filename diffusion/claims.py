@@ -80,6 +80,9 @@ def claims_overrides(raw: Mapping[str, Any], only: Sequence[str] | None = None) 
     sections: dict[str, dict[str, Any]] = {"runs": {}, "experts": {}, "ensembles": {}}
     for arm_name, seeds in arm_seeds(cfg, claims).items():
         arm = cfg.arms[arm_name]
+        if arm.base not in raw.get("runs", {}) and arm.base not in raw.get("ensembles", {}):
+            raise ConfigError(f"params.yaml: claims.arms.{arm_name}.base must name a run of `runs` or an ensemble of "
+                              f"`ensembles`, got {arm.base!r}")
         section = "ensembles" if arm.base in raw.get("ensembles", {}) else "runs"
         base = raw[section][arm.base]
         for seed in seeds:

@@ -337,9 +337,10 @@ class ClaimsConfig:
 
 
 def parse_claims(raw: Any, runs: Mapping[str, RunConfig], path: str = "claims") -> ClaimsConfig | None:
-    """The typed claims section (None when absent or empty), its names checked: every base is a run or ensemble,
-    every arm a claim lists is defined, seeds distinct. Arms' keys are checked by building them
-    (diffusion.claims.claims_params)."""
+    """The typed claims section (None when absent or empty), its names checked: a base that is there is a run or
+    ensemble (like evaluation.report, it may name runs a trimmed params file lacks: building the claims workspace,
+    diffusion.claims.claims_overrides, refuses those), every arm a claim lists is defined, seeds distinct. Arms' keys
+    are checked by building them."""
     if not raw:
         return None
     raw = dict(raw)
@@ -349,7 +350,9 @@ def parse_claims(raw: Any, runs: Mapping[str, RunConfig], path: str = "claims") 
     for name, arm in cfg.arms.items():
         check_name(f"{path}.arms", name)
         base = runs.get(arm.base)
-        if base is None or base.section == "experts":
+        if base is None:
+            continue
+        if base.section == "experts":
             raise ConfigError(f"params.yaml: {path}.arms.{name}.base must name a run of `runs` or an ensemble of "
                               f"`ensembles`, got {arm.base!r}")
         if arm.experts and base.section != "ensembles":

@@ -232,3 +232,11 @@ def test_report_shows_the_claims_table_with_cards_and_figures(tmp_path, workspac
     assert "[card](claims/cards/schedule.md)" in text and "![schedule](claims/schedule.png)" in text
     assert (report / "claims" / "cards" / "schedule.md").exists() and (report / "claims" / "schedule.png").exists()
     assert "not found" in "\n".join(_claims_section(tmp_path / "nowhere", report))
+
+
+def test_a_trimmed_params_file_loads_and_its_claims_workspace_is_refused(raw):
+    trimmed = with_key(raw, "runs.rin_fmnist", None, delete=True)
+    trimmed = with_key(trimmed, "evaluation.report.rin_fmnist", None, delete=True)
+    assert parse_params(trimmed).claims is not None  # a params file without some bases still loads
+    with pytest.raises(ConfigError, match=r"claims\.arms\.rin\w*\.base must name a run .* got 'rin_fmnist'"):
+        claims_overrides(trimmed)
