@@ -517,15 +517,22 @@ class Provenance:
     lock_note: str = "dvc.lock not read (the report was not given --dvc-lock)"
 
 
+# What `dvc repro` itself rewrites while it runs (the lock and the stages' committed outputs and records): a change
+# there is the run in progress, not a change to what produced the numbers.
+PIPELINE_WRITTEN = ("dvc.lock", "outputs", "results")
+
+
 def git_commit(cwd: Path | None = None) -> str:
-    """HEAD's commit, with " + uncommitted changes" when tracked files differ from it; "unknown" outside git."""
+    """HEAD's commit, with " + uncommitted changes" when tracked source files differ from it (the files a running
+    `dvc repro` rewrites, PIPELINE_WRITTEN, are left out); "unknown" outside git."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True,
                               timeout=30).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                    *(f":(top,exclude){p}" for p in PIPELINE_WRITTEN))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + (" + uncommitted changes" if dirty else "")

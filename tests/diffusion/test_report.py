@@ -256,5 +256,15 @@ def test_git_commit_is_read_or_unknown(tmp_path: Path) -> None:
     subprocess.run(["git", "commit", "-qm", "x"], cwd=tmp_path, check=True, env=os.environ | env)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
     assert report.git_commit(tmp_path) == head
+    (tmp_path / "outputs").mkdir()
+    for rel in ("dvc.lock", "outputs/metrics.json"):  # what a running `dvc repro` rewrites is not a source change
+        (tmp_path / rel).write_text("a")
+    subprocess.run(["git", "add", "dvc.lock", "outputs"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "y"], cwd=tmp_path, check=True, env=os.environ | env)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    for rel in ("dvc.lock", "outputs/metrics.json"):
+        (tmp_path / rel).write_text("b")
+    assert report.git_commit(tmp_path) == head
     (tmp_path / "f").write_text("b")
     assert report.git_commit(tmp_path) == f"{head} + uncommitted changes"
+    assert report.git_commit(tmp_path / "outputs") == f"{head} + uncommitted changes"  # from a subfolder too
