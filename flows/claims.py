@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from diffusion import flops
 from diffusion.claims import arm_fingerprint, arm_run_name, arm_seeds, chosen_claims, claims_of, claims_overrides
 from diffusion.config import paper_section, parse_params
+from diffusion.stages import refstats
 from diffusion.stages.claims import RECORD_VERSION, arm_state, read_json, read_records, write_claims, write_record
 from diffusion.stages.report import STAGES, git_commit, read_lock, stage_digest
 from diffusion.typed import ConfigError, set_dotted
@@ -59,6 +62,32 @@ def workspace_overrides(raw: dict[str, Any], scale: str) -> dict[str, Any]:
     if scale == "smoke":
         overrides |= smoke_overrides(parse_params(set_dotted(raw, overrides)))
     return overrides
+
+
+def seed_reference_parts(repo: Path, workspace: Path, workspace_raw: Mapping[str, Any]) -> list[str]:
+    """Copy into the workspace's refstats parts folders the parts of the repository's (its whole-split references)
+    that the workspace's smaller reference sets are made of, where the workspace has none yet: the first 10000 train
+    images share their first four parts of 2048 with the 60000. A part is used only when its stored key (the sha256
+    of its images and the feature extractor) matches what the refstats stage reads, so a copied part of other images
+    is computed again there. Only the parts the workspace's sets need are copied (no stray files in a DVC output).
+    Returns the copied names."""
+    copied = []
+    for dataset, ref in workspace_raw.get("evaluation", {}).get("references", {}).items():
+        src, dst = (root / "data" / "refstats" / f"{dataset}.parts" for root in (repo, workspace))
+        if not src.is_dir():
+            continue
+        wanted = [(ref["split"], ref["num_images"])] + ([(refstats.FLOOR_SPLIT[ref["split"]], ref["floor"])]
+                                                        if ref.get("floor") else [])
+        for split, n in wanted:
+            for start in range(0, n, refstats.PART_SIZE):
+                name = f"{split}-{start:08d}.npz"
+                if (src / name).is_file() and not (dst / name).exists():
+                    dst.mkdir(parents=True, exist_ok=True)
+                    tmp = dst / f".{name}.copy"
+                    shutil.copyfile(src / name, tmp)
+                    os.replace(tmp, dst / name)
+                    copied.append(f"{dataset}.parts/{name}")
+    return copied
 
 
 def arms_to_build(raw: dict[str, Any], workspace_raw: dict[str, Any], claims: Sequence[str], records: Path,
@@ -148,6 +177,10 @@ def reproduce_claims(
     workspace = Path(prepare_workspace(str(repo), f"claims-{scale}", overrides))
     workspace_raw = yaml.safe_load((workspace / "params.yaml").read_text())
     records = repo / RESULTS / scale / "arms"
+    seeded = seed_reference_parts(repo, workspace, workspace_raw)
+    if seeded:
+        log.info("reference feature parts copied from %s, checked by their keys before use: %s", repo,
+                 ", ".join(seeded))
     build, kept = arms_to_build(base, workspace_raw, chosen, records, rebuild)
     log.info("claims %s at %s scale: %d arm runs to build, %d kept from %s", chosen, scale, len(build), len(kept),
              records)

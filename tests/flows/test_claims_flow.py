@@ -111,3 +111,52 @@ def test_dvc_repro_claims_draws_the_verdicts_from_committed_records(tmp_path):
     assert dvc_status(root, "claims") == {}
     write_record(arms, _record("rin_rw4", 0, 0.04, ws))
     assert "claims" in dvc_status(root, "claims")
+
+
+def test_a_sitting_reuses_the_repositorys_reference_parts_only_where_their_images_match(tmp_path, monkeypatch):
+    """seed_reference_parts copies, of the repository's parts (40 train images and a floor of 20, in parts of 16),
+    only those a smaller reference set (20 and a floor of 8) is made of and the workspace lacks; write_refstats then
+    computes only the parts whose images differ (the second train part holds 4 images there, the floor's 8), and
+    its features equal a run from nothing."""
+    import dataclasses
+
+    import numpy as np
+
+    from data.prepare import write_dataset_shards
+    from diffusion.stages import refstats
+    from flows.claims import seed_reference_parts
+
+    calls: list[int] = []
+
+    def fake_features(images, net, desc):
+        calls.append(len(images))
+        return images.reshape(len(images), -1)[:, :8].astype(np.float32) + 0.5, 100.0
+
+    monkeypatch.setattr(refstats, "timed_features", fake_features)
+    monkeypatch.setattr(refstats, "PART_SIZE", 16)
+    params = load_params(REPO / "params.yaml")
+    cfg = dataclasses.replace(params.datasets["fashion_mnist"], max_samples=40, shard_size=16)
+    write_dataset_shards(cfg, "fashion_mnist", tmp_path / "shards", splits=("train", "test"))
+    repo, ws = tmp_path / "repo", tmp_path / "ws"
+    whole = dataclasses.replace(params.evaluation.references["fashion_mnist"], num_images=40, floor=20)
+    parts = repo / "data" / "refstats" / "fashion_mnist.parts"
+    refstats.write_refstats("fashion_mnist", cfg, whole, tmp_path / "shards", repo / "ref.npz", "net", parts)
+    small = {"evaluation": {"references": {"fashion_mnist": {"split": "train", "num_images": 20, "floor": 8}}}}
+    ws_parts = ws / "data" / "refstats" / "fashion_mnist.parts"
+    ws_parts.mkdir(parents=True)
+    (ws_parts / "test-00000000.npz").write_bytes(b"the workspace's own")  # there already: left alone
+    assert seed_reference_parts(repo, ws, small) == ["fashion_mnist.parts/train-00000000.npz",
+                                                     "fashion_mnist.parts/train-00000016.npz"]
+    assert (ws_parts / "test-00000000.npz").read_bytes() == b"the workspace's own"
+    assert sorted(p.name for p in ws_parts.iterdir()) == ["test-00000000.npz", "train-00000000.npz",
+                                                          "train-00000016.npz"]  # not the third train part
+    ref = dataclasses.replace(whole, num_images=20, floor=8)
+    calls.clear()
+    refstats.write_refstats("fashion_mnist", cfg, ref, tmp_path / "shards", ws / "ref.npz", "net", ws_parts)
+    assert calls == [4, 8]  # the first train part reused; the copied second one holds other images, so computed
+    refstats.write_refstats("fashion_mnist", cfg, ref, tmp_path / "shards", tmp_path / "fresh.npz", "net",
+                            tmp_path / "fresh.parts")
+    with np.load(ws / "ref.npz") as a, np.load(tmp_path / "fresh.npz") as b:
+        for key in ("features", "floor_features", "mu", "sigma"):
+            np.testing.assert_array_equal(a[key], b[key])
+    assert seed_reference_parts(tmp_path / "no-repo-parts", ws, small) == []
