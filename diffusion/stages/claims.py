@@ -105,18 +105,30 @@ def arm_summary(result: Mapping[str, Any], arm: str) -> str:
     return f"{arm} {statistics.fmean(kids):.4f}" + (f" ± {statistics.stdev(kids):.4f}" if len(kids) > 1 else "")
 
 
+def short_evidence(evidence: str) -> str:
+    """The evidence's reference without its gloss: "RIN, arXiv 2212.11972, Sec. 3.2 (its cost ...)" -> "RIN, arXiv
+    2212.11972, Sec. 3.2"."""
+    return evidence.split(" (", 1)[0]
+
+
 def table_markdown(results: Sequence[Mapping[str, Any]], link_prefix: str = "") -> str:
-    """The claims table: at most 7 columns, the arms in the paper's order with their mean KID over seeds."""
-    head = ["claim", "paper's evidence", "arms, best claimed first: KID (mean ± std over seeds)", "seeds", "verdict",
-            "why", "card"]
+    """The claims table and, below it, one line per claim. The table holds short cells only (claim id, the paper's
+    figure or table, seeds, verdict, card): the Prefect UI's artifact view does not wrap table cells, so a wide
+    table runs off its ~830-px pane. The claim in full, its arms in the paper's order with their mean KID over seeds
+    and the verdict's reason are the lines below."""
+    head = ["claim", "paper's evidence", "seeds", "verdict", "card"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    details = []
     for res in results:
+        cells = [f"`{res['id']}`", short_evidence(res["evidence"]), str(len(res["seeds"])),
+                 f"**{res['verdict'] or 'not built'}**", f"[card]({link_prefix}cards/{res['id']}.md)"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         order = " > ".join("(" + ", ".join(arm_summary(res, a) for a in g) + ")" if len(g) > 1
                            else arm_summary(res, g[0]) for g in res["order"])
-        cells = [res["claim"], res["evidence"], order, str(len(res["seeds"])), f"**{res['verdict'] or 'not built'}**",
-                 res["reason"], f"[card]({link_prefix}cards/{res['id']}.md)"]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
+        shown = res["verdict"] or "not built"
+        details.append(f"- `{res['id']}`: {res['claim']}. Paper: {res['evidence']}. Arms, best claimed first, KID "
+                       f"(mean ± std over seeds): {order}. **{shown}**: {res['reason'].removeprefix(shown + ': ')}.")
+    return "\n".join([*lines, "", *details])
 
 
 def card_markdown(res: Mapping[str, Any]) -> str:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +46,11 @@ class PaperRow:
     images_seen: Value  # training steps x batch size
     source: str  # where each number comes from: the paper (arXiv id, table or figure), the authors' configs
     note: str = ""  # what a reader should know about the paper's numbers (in the row's card)
+
+    @property
+    def short(self) -> str:
+        """The row's name in a report table (its card and the CSV give the setting in full)."""
+        return SHORT_NAMES.get(self.key, self.setting)
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,12 @@ PAPER_TABLES: dict[str, PaperTable] = {t.key: t for t in (
     ), MEME_SOURCE),
 )}
 
+# The tables' names for paper rows whose setting is long: the Prefect UI's artifact view does not wrap table cells.
+SHORT_NAMES = {"imagenet64": "ImageNet 64x64 cond.", "kinetics600": "Kinetics-600",
+               "ffhq256_ldm": "FFHQ, LDM-L", "ffhq256_ldm_s": "FFHQ, LDM-S", "ffhq256_iu_ldm_s": "FFHQ, iU-LDM-S",
+               "ffhq256_multi": "FFHQ, 4 LDM-S experts", "ffhq256_meme": "FFHQ, MEME",
+               "celebahq256_ldm": "CelebA-HQ, LDM-L", "celebahq256_meme": "CelebA-HQ, MEME",
+               "adm_s": "ADM-S", "adm_multi": "4 ADM-S experts", "adm_meme": "MEME on ADM-S"}
 DATASET_NAMES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10", "imagenet64": "ImageNet",
                  "imagenet128": "ImageNet", "imagenet256": "ImageNet", "ffhq256": "FFHQ", "celebahq256": "CelebA-HQ",
                  "kinetics600": "Kinetics-600", "moving_mnist": "Moving-MNIST",
@@ -249,12 +263,13 @@ def _our_metric(metric: str, ev: dict[str, Any], notes: list[str]) -> str:
 
 
 def kernel_value(kernel: str, ev: dict[str, Any] | None) -> str:
-    """KID (KVD) +- its std over subsets, e.g. "0.0823 ± 0.0012"; a dash when eval/metrics.json has none."""
+    """KID (KVD) +- its std over subsets, to the std's second significant digit ("0.0823 ± 0.0012", "48.14 ± 0.71");
+    a dash when eval/metrics.json has none."""
     key = kernel.lower()
     value, std = (ev or {}).get(key), (ev or {}).get(f"{key}_std")
     if not (_number(value) and _number(std)):
         return DASH
-    digits = 4 if max(abs(value), std) >= 5e-4 else 6
+    digits = max(0, 1 - math.floor(math.log10(std))) if std > 0 else 4  # the std to two significant digits
     return f"{value:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -397,10 +412,27 @@ def columns(table: PaperTable) -> list[str]:
 
 
 def narrow_columns(table: PaperTable) -> list[str]:
-    """The Markdown (and LaTeX) table: at most 8 columns, ours beside the paper's; the rest is in each row's card."""
+    """The Markdown (and LaTeX) table: short cells only, ours beside the paper's. The Prefect UI's artifact view
+    does not wrap table cells and its pane is about 830 px wide in a 1400-px window, so our setting, the recipe's
+    differences and the paper's values in full are lines below the table (`below_table`), the rest is in the cards."""
     head, *others = table.metrics
-    return ["paper row", "run (card)", "our setting", f"{head} paper", f"{head} ours", f"{KERNEL[head]} ours",
-            *(f"{m} paper / ours" for m in others), "vs the paper's recipe"]
+    return ["paper row", "run (card)", f"{head} paper", f"{head} ours (N)", f"{KERNEL[head]} ours", "floor",
+            *(f"{m} paper / ours" for m in others)]
+
+
+def paper_cell(value: str) -> str:
+    """A paper value as the narrow table shows it: a number with a gloss ("4.51 (3.42 with input scaling)") cut to
+    the number and marked with *, the full wording being a line below the table."""
+    cut = value.split(" (", 1)[0]
+    return value if cut == value else f"{cut}*"
+
+
+def floor_value(metric: str, ev: dict[str, Any] | None) -> str:
+    """The floor: held-out real images (clips) scored like the samples, with its N when that differs from theirs."""
+    floor = (ev or {}).get(f"floor_{METRIC_KEYS[metric]}")
+    if not _number(floor):
+        return DASH
+    return f"{floor:.2f}" + ("" if ev.get("floor_n") == ev["num_samples"] else f" ({ev.get('floor_n'):,})")
 
 
 def narrow_record(row: TableRow, link: bool = True) -> dict[str, str]:
@@ -412,14 +444,34 @@ def narrow_record(row: TableRow, link: bool = True) -> dict[str, str]:
     else:
         run = f"[{row.run}]({card})" if link else str(row.run)
     head, *others = row.table.metrics
-    record = {"paper row": row.paper.setting, "run (card)": run, "our setting": wide["our setting"],
-              f"{head} paper": wide[f"{head} paper"], f"{head} ours": headline_value(head, row.ev),
-              f"{KERNEL[head]} ours": wide[f"{KERNEL[head]} ours"]}
+    value = (row.ev or {}).get(METRIC_KEYS[head])
+    record = {"paper row": row.paper.short, "run (card)": run, f"{head} paper": paper_cell(wide[f"{head} paper"]),
+              f"{head} ours (N)": f"{value:.2f} ({row.ev['num_samples']:,})" if _number(value) else DASH,
+              f"{KERNEL[head]} ours": wide[f"{KERNEL[head]} ours"], "floor": floor_value(head, row.ev)}
     for metric in others:
         ours = wide[f"{metric} ours"]
-        record[f"{metric} paper / ours"] = f"{wide[f'{metric} paper']} / {ours}"
-    record["vs the paper's recipe"] = wide["vs the paper's recipe"]
+        record[f"{metric} paper / ours"] = f"{paper_cell(wide[f'{metric} paper'])} / {ours}"
     return record
+
+
+def below_table(rows: Sequence[TableRow]) -> list[str]:
+    """The lines under a table, for what its short cells leave out: each run's setting (what it measured, against
+    which reference, at what scale) and how it differs from the paper row's recipe; the paper values cut to a *."""
+    lines = []
+    for row in rows:
+        if row.run is None or row.result is None or row.placement is None:
+            continue
+        recipe = recipe_cell(row.run, row.differing)
+        recipe = {DASH: "not compared with a recipe", "follows it": "it follows the paper's recipe"}.get(
+            recipe, f"against the paper's recipe, {recipe}")
+        setting = our_setting(row.result, row.placement)
+        setting = "not evaluated (its card says why)" if setting == DASH else setting
+        lines.append(f"- `{row.run}` ({row.paper.short}): {setting}; {recipe}.")
+    glossed = [f"{row.paper.short}: {metric} {value}" for row in rows for metric, value in row.paper.metrics.items()
+               if isinstance(value, str) and paper_cell(value) != value]
+    glossed = list(dict.fromkeys(glossed))  # a paper row with several runs of ours is listed once
+    out = ["Our runs:", "", *lines, ""] if lines else []
+    return out + ([f"\\* The paper's values in full: {'; '.join(glossed)}.", ""] if glossed else [])
 
 
 def check_mapping(mapping: Mapping[str, ReportRow]) -> None:
@@ -477,10 +529,30 @@ def comparability_note(rows: Sequence[TableRow]) -> str:
             f"{KERNEL[metric]} is unbiased at any N, and its ± says how far a difference can be trusted.")
 
 
+# The Prefect UI's artifact view (Prefect 3, Chromium, 1400-px window): table cells never wrap (.p-table-data
+# white-space: nowrap), 0.875rem text at about 7 px per character, 0.75rem padding each side, in a content pane about
+# 830 px wide. A table wider than that scrolls sideways, and the columns on the right are out of sight.
+ARTIFACT_PANE_PX, CHAR_PX, CELL_PADDING_PX = 830, 7.0, 24
+
+
+def visible_text(cell: str) -> str:
+    """A Markdown cell as the reader sees it: links as their text, no code ticks, bold marks or escapes."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", cell)
+    return text.replace("`", "").replace("**", "").replace("\\", "")
+
+
+def nowrap_width(table: str) -> float:
+    """A Markdown table's width in px where cells never wrap (the artifact view): each column as wide as its widest
+    cell, plus padding."""
+    rows = [[visible_text(c.strip()) for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            for line in table.strip().splitlines() if not line.startswith("|---")]
+    return sum(max(len(r[i]) for r in rows) * CHAR_PX + CELL_PADDING_PX for i in range(len(rows[0])))
+
+
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table; `|` inside cells is escaped."""
     def cell(value: Any) -> str:
-        return str(value).replace("|", "\\|").replace("\n", " ")
+        return str(value).replace("|", "\\|").replace("*", "\\*").replace("\n", " ")
 
     lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
@@ -850,7 +922,7 @@ def _claims_section(folder: Path, out_dir: Path) -> list[str]:
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(folder, dest)
-    built = sum(len(r["arms"]) for r in results)
+    built = len({run for r in results for run in r["arms"]})  # an arm shared by several claims counts once
     lines += ["Each claim is tested by arms built in a claims workspace (`prefect deployment run "
               "'reproduce-claims/cpu'`; README, \"The papers' claims\"), every arm from two seeds, scored by KID "
               "± its spread over subsets; the verdict tests the paper's order pair by pair, paired by seed (each "
@@ -904,7 +976,9 @@ HEADER = [
     "(params.yaml `evaluation.report`); the run's name links to its card: N, reference, feature network and its "
     "sha256, resize, sampler and steps, the samples' and weights' hashes, commit and DVC stage digest, the cost "
     "columns (parameters, GFLOPs, steps, training) and the notes. A dash in a paper column: the sources give no "
-    "number; in a column of ours: the card says why.", "",
+    "number; in a column of ours: the card says why. Our FID (FVD) is given with its N; the floor beside it is "
+    "held-out real images (clips) scored exactly like the samples, against the same reference: how close real data "
+    "gets under this protocol.", "",
     "FID and FVD are biased by the number of samples N (and the bias differs between models): a value of ours is "
     "only comparable with another at the same N against the same reference, never with the papers' 50k-sample "
     "numbers digit by digit. KID and KVD (± their spread over subsets) are unbiased at any N.", "",
@@ -943,7 +1017,13 @@ def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], run
         frame.to_csv(out_dir / f"{table.key}.csv", index=False, lineterminator="\n")
         write_text(out_dir / f"{table.key}.tex", latex_table(narrow_frame(rows, link=False), table.title, table.key))
         note = comparability_note(rows)
-        lines += [f"## {table.title}", "", markdown_table(narrow_frame(rows)), *([note, ""] if note else []),
+        table_md = markdown_table(narrow_frame(rows))
+        if nowrap_width(table_md) > ARTIFACT_PANE_PX:  # e.g. a long run name: the artifact view would scroll it
+            print(f"report: {table.key} is about {nowrap_width(table_md):.0f} px wide unwrapped, more than the Prefect "
+                  f"artifact pane's {ARTIFACT_PANE_PX}: its right-hand columns will be out of sight there",
+                  file=sys.stderr)
+        lines += [f"## {table.title}", "", table_md, *below_table(rows),
+                  *([note, ""] if note else []),
                   f"Paper numbers: {table.source}. Every column, the cost columns too: [{table.key}.csv]"
                   f"({table.key}.csv); this table in LaTeX: [{table.key}.tex]({table.key}.tex).", ""]
     unplaced = [n for n in names if n not in mapping and n not in experts]

@@ -22,6 +22,7 @@ from diffusion.claims import (
     verdict,
 )
 from diffusion.config import load_params, parse_params
+from diffusion.stages import report
 from diffusion.stages.claims import RECORD_VERSION, read_records, write_claims, write_record
 from diffusion.typed import ConfigError, set_dotted
 from tests.helpers import with_key
@@ -190,8 +191,13 @@ def test_claims_stage_draws_table_cards_and_figures_from_records(tmp_path, raw, 
     assert results["read_write"]["verdict"] is None and "rin_rw4_s0 (stale)" in results["read_write"]["reason"]
     assert "rin_rw1_s0 (missing)" in results["read_write"]["reason"]
     table = (out / "claims.md").read_text()
-    assert "| The sigmoid training schedule (tau 0.9) beats cosine |" in table and "**supported**" in table
-    assert "rin 0.0605 ± 0.0007 > rin_cosine 0.0905 ± 0.0007" in table
+    assert "| `schedule` | RIN, arXiv 2212.11972, Fig. 8 | 2 | **supported** | [card](cards/schedule.md) |" in table
+    assert ("- `schedule`: The sigmoid training schedule (tau 0.9) beats cosine. Paper: RIN, arXiv 2212.11972, Fig. 8. "
+            "Arms, best claimed first, KID (mean ± std over seeds): rin 0.0605 ± 0.0007 > rin_cosine 0.0905 ± 0.0007. "
+            "**supported**: rin < rin_cosine") in table
+    assert "**not built**: rin_rw4_s0 (stale)" in table  # the reason, not "not built" twice
+    claims_table = "\n".join(line for line in table.splitlines() if line.startswith("|"))
+    assert report.nowrap_width(claims_table) <= report.ARTIFACT_PANE_PX  # fits the Prefect artifact view
     card = (out / "cards" / "schedule.md").read_text()
     assert "| rin_cosine_s1 | 0.0910 ± 0.0010 |" in card and "abc123" in card and "1,024 samples" in card
     assert (out / "schedule.png").stat().st_size > 1000 and (out / "read_write.png").exists()  # what is built
@@ -228,7 +234,8 @@ def test_report_shows_the_claims_table_with_cards_and_figures(tmp_path, workspac
     report = tmp_path / "report"
     report.mkdir()
     text = "\n".join(_claims_section(tmp_path / "claims", report))
-    assert "| The sigmoid training schedule (tau 0.9) beats cosine |" in text and "**not supported**" in text
+    assert "| `schedule` | RIN, arXiv 2212.11972, Fig. 8 | 2 | **not supported** |" in text
+    assert "- `schedule`: The sigmoid training schedule (tau 0.9) beats cosine." in text
     assert "[card](claims/cards/schedule.md)" in text and "![schedule](claims/schedule.png)" in text
     assert (report / "claims" / "cards" / "schedule.md").exists() and (report / "claims" / "schedule.png").exists()
     assert "not found" in "\n".join(_claims_section(tmp_path / "nowhere", report))
