@@ -22,7 +22,6 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from diffusion import flops
@@ -32,6 +31,7 @@ from diffusion.stages import refstats
 from diffusion.stages.claims import RECORD_VERSION, arm_state, read_json, read_records, write_claims, write_record
 from diffusion.stages.report import STAGES, git_commit, read_lock, stage_digest
 from diffusion.typed import ConfigError, set_dotted
+from flows.artifacts import publish_markdown
 from flows.results import result_storage
 from flows.scale import Scale, paper_overrides, smoke_overrides
 from flows.tasks import prepare_workspace, run_stages
@@ -198,8 +198,9 @@ def reproduce_claims(
     else:
         out = workspace / "outputs" / "claims"
         draw_verdicts(base, workspace_raw, str(records), str(out))
-    table = (out / "claims.md").read_text()
-    create_markdown_artifact(key=f"claims-{scale}", markdown=table, description=f"the papers' claims at {scale} scale")
+    where = "the checkout itself" if scale == "cpu" else f"workspace {workspace.name!r} (.flows/workspaces/)"
+    publish_markdown(out / "claims.md", f"claims-{scale}", f"the papers' claims at {scale} scale",
+                     f"outputs/claims/ of {where}")
     return {"workspace": workspace.name, "claims": chosen, "built": [arm_run_name(a, s) for a, s in build],
             "kept": [arm_run_name(a, s) for a, s in kept], "stages": stages, "table": str(out / "claims.md")}
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
 from diffusion.typed import set_dotted
+from flows.artifacts import publish_markdown
 from flows.results import result_storage
 from flows.scale import Scale, scale_overrides, table_runs
 from flows.storage import S3Location
@@ -58,11 +58,12 @@ def run_table(
 
 
 def report_artifact(report: Path, table: str, scale: str, workspace_name: str) -> None:
-    """report.md as a Prefect Markdown artifact. Its header names the table, the scale and the workspace by name,
-    never by its local path (which would show this machine's folders to everyone who reads the Prefect UI)."""
+    """report.md as a Prefect Markdown artifact, its cards as artifacts it links and its figures embedded
+    (flows.artifacts). Its header names the table, the scale and the workspace by name, never by its local path
+    (which would show this machine's folders to everyone who reads the Prefect UI)."""
     where = "the checkout itself" if workspace_name == "repo" else f"workspace {workspace_name!r} (.flows/workspaces/)"
-    create_markdown_artifact(key=f"{table.replace('_', '-')}-{scale}", markdown=report.read_text(),
-                             description=f"{table} at {scale} scale, in {where}")
+    publish_markdown(report, f"{table.replace('_', '-')}-{scale}", f"{table} at {scale} scale, in {where}",
+                     f"outputs/report/ of {where}")
 
 
 def plan_lines(workspace: Path, runs: list[str], gpus: int = 1) -> list[str]:

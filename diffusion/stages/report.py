@@ -743,7 +743,8 @@ def card_text(row: TableRow, prov: Provenance, notes: Sequence[str] = ()) -> str
             *lock_lines(row, prov),
             ("commit", f"`{prov.commit}` (the checkout when the report was written)"),
         ]
-        lines += ["## How ours was computed", "", *_kv_table(how, ("what", "value"))]
+        # a list, not a table: its values (hashes, paths) are long, and the Prefect UI does not wrap table cells
+        lines += ["## How ours was computed", "", *(f"- **{what}**: {value}" for what, value in how), ""]
     elif row.run is not None:
         lines += ["## How ours was computed", "", f"{DASH}: not evaluated yet (see the notes).", ""]
     ours = _our_costs(row.result) if row.result else {}

@@ -206,7 +206,7 @@ def test_each_card_carries_its_provenance(written: Path) -> None:
                    "the first 2,048 images of the train split (data/refstats/fashion_mnist/train-2048.npz)",
                    "sha256 `7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34`",  # feature network
                    "PIL bicubic of each uint8 image to 299x299",  # resize
-                   "| sampler and steps | ddpm, 100 steps |",
+                   "- **sampler and steps**: ddpm, 100 steps",
                    "outputs/rin_fmnist/train/ema.safetensors md5 `b7df867c6bd5d17cfb775c5b41d94e57`",  # weights
                    f"`{COMMIT}`", "`evaluate@rin_fmnist`, digest sha256 `",
                    "its eval/metrics.json is the one dvc.lock records",

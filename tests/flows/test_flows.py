@@ -109,10 +109,11 @@ def test_overrides_and_their_dvc_arguments():
 
 
 def test_the_report_artifact_names_its_workspace_without_a_local_path(tmp_path, monkeypatch):
+    import flows.artifacts
     import flows.table2 as table2
 
     made = []
-    monkeypatch.setattr(table2, "create_markdown_artifact", lambda **kwargs: made.append(kwargs))
+    monkeypatch.setattr(flows.artifacts, "create_markdown_artifact", lambda **kwargs: made.append(kwargs))
     report = tmp_path / ".flows" / "workspaces" / "smoke" / "outputs" / "report" / "report.md"
     report.parent.mkdir(parents=True)
     report.write_text("# the report\n")
