@@ -141,7 +141,7 @@ def card_markdown(res: Mapping[str, Any]) -> str:
              "- Rule (diffusion/claims.py): each adjacent pair of the paper's order, paired by seed; z = mean KID "
              "difference / its standard error (seed spread of the differences plus the KIDs' subset spread); holds "
              "at z >= 2, reversed at z <= -2.", "", "## Arms", "",
-             "| run | KID ± std | FID (this N) | train min | train PFLOP | params | GFLOP / image / sampling step |",
+             "| run | KID ± std | FID (this N) | train min | train PFLOP | params | GFLOP per image-step |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
         ev, nets = r["eval"], r["train"]
@@ -167,13 +167,13 @@ def card_markdown(res: Mapping[str, Any]) -> str:
         for c in res["comparisons"]:
             lines.append(f"| {c['better']} | {c['worse']} | {c['kid_better']:.4f} | {c['kid_worse']:.4f} | "
                          f"{c['diff']:+.4f} ± {c['se']:.4f} | {c['z']:.1f} | {c['status']} |")
-    lines += ["", "## Provenance", "",
-              "| run | commit | configuration sha256 | samples sha256 | dvc.lock stage digests |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Provenance", "", "Per arm run: the commit it was built at, its configuration's sha256, its "
+              "samples' sha256 and its stages' digests in the claims workspace's dvc.lock (a list: the Prefect UI "
+              "does not wrap table cells).", ""]
     for r in records:
-        digests = "<br>".join(f"{s}: {d[:12]}" for s, d in r["stage_digests"].items())
-        lines.append(f"| {r['run']} | {r['commit'][:12]} | {r['fingerprint'][:16]} | "
-                     f"{r['eval'].get('samples_sha256', '—')[:16]} | {digests} |")
+        digests = ", ".join(f"`{s}` {d[:12]}" for s, d in r["stage_digests"].items())
+        lines.append(f"- `{r['run']}`: commit {r['commit'][:12]}; configuration {r['fingerprint'][:16]}; samples "
+                     f"{r['eval'].get('samples_sha256', '—')[:16]}; {digests}")
     return "\n".join(lines) + "\n"
 
 

@@ -310,10 +310,33 @@ def test_the_sample_command_documents_its_arguments_and_requires_the_weights(pro
     text = " ".join(capsys.readouterr().out.split())
     assert text.startswith("usage: python -m diffusion.cli sample [-h] [--params PARAMS] --weights DIR [DIR ...]")
     assert stage.__doc__.split()[0] in text and " run a run name from params.yaml (runs or ensembles) options:" in text
-    assert "the run's train folder (outputs/<run>/train); an ensemble: each expert's, in interval order" in text
-    with pytest.raises(SystemExit) as exit_:
-        stage.main(["tiny", "--out", str(tmp_path)])
-    assert exit_.value.code == 2 and "the following arguments are required: --weights" in capsys.readouterr().err
+    for option, help_text in (
+            ("--weights DIR [DIR ...]", "the run's train folder (outputs/<run>/train); an ensemble: each expert's, in "
+                                        "interval order"),
+            ("--shards SHARDS", "the dataset's shard root: the context clips of video prediction, a latent dataset's "
+                                "decoder"),
+            ("--out OUT", "the samples folder (outputs/<run>/samples)"),
+            ("--num-samples NUM_SAMPLES", "override sample.num_samples")):
+        assert f"{option} {help_text}" in text, option  # each option with its own help, as written
+    assert "[--num-samples NUM_SAMPLES]" in text and "--shards SHARDS --out OUT" in text  # optional vs required
+    given = {"--weights": str(project["a"]), "--shards": str(project["shards"]), "--out": str(tmp_path)}
+    for missing in given:  # every required option is required
+        rest = [x for k, v in given.items() if k != missing for x in (k, v)]
+        argv = ["--params", str(project["params"]), "tiny", *rest]
+        with pytest.raises(SystemExit) as exit_:
+            stage.main(argv)
+        assert exit_.value.code == 2 and f"the following arguments are required: {missing}" in capsys.readouterr().err
+
+
+def test_num_samples_must_be_at_least_one(project, tmp_path):
+    from diffusion.stages import sample as stage
+    from diffusion.typed import ConfigError
+
+    argv = ["--params", str(project["params"]), "tiny", "--weights", str(project["a"]), "--shards",
+            str(project["shards"]), "--out", str(tmp_path / "zero"), "--device", "cpu", "--num-samples", "0"]
+    with pytest.raises(ConfigError, match=r"^--num-samples must be >= 1, got 0$"):
+        stage.main(argv)
+    assert draw(project, tmp_path / "one", None, "a", "--num-samples", "1")["arr_0"].shape[0] == 1  # 1 is allowed
 
 
 def test_cost_json_names_the_sampled_networks_size_and_steps(project, tmp_path):
