@@ -328,6 +328,17 @@ def test_the_sample_command_documents_its_arguments_and_requires_the_weights(pro
         assert exit_.value.code == 2 and f"the following arguments are required: {missing}" in capsys.readouterr().err
 
 
+def test_cost_json_of_a_model_without_patches_has_a_null_patch(tmp_path):
+    import json
+
+    from diffusion.stages.sample import write_cost
+
+    run = parse_params(tiny_raw(model={"family": "meme", "preset": "unet_tiny"})).run("tiny")
+    model = build_model(run)
+    cost = json.loads(write_cost(run, model, tmp_path).read_text())
+    assert cost["patch"] is None and cost["model_params"] == sum(p.numel() for p in model.parameters())
+
+
 def test_num_samples_must_be_at_least_one(project, tmp_path):
     from diffusion.stages import sample as stage
     from diffusion.typed import ConfigError

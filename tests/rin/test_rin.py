@@ -203,6 +203,26 @@ def test_a_latents_only_pass_returns_the_full_passs_latents_and_skips_the_last_w
     assert torch.equal(z_only, z) and out is not None
 
 
+def test_the_latents_only_pass_is_found_through_real_ddp_and_compile_wrappers(tmp_path):
+    """DistributedDataParallel (a one-process gloo group) and torch.compile's wrapper, alone and nested in both
+    orders: the RIN inside is found; a U-Net inside any of them has no such pass."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from diffusion.objectives import _has_latents_only_pass
+    from meme.presets import PRESETS as MEME_PRESETS
+    from meme.unet import UNet
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        for net, has in ((_live_model(), True), (UNet(MEME_PRESETS["unet_tiny"]), False)):
+            layouts = {"bare": net, "ddp": DDP(net), "compiled": torch.compile(net),
+                       "ddp(compiled)": DDP(torch.compile(net)), "compiled(ddp)": torch.compile(DDP(net))}
+            assert {k: _has_latents_only_pass(m) for k, m in layouts.items()} == dict.fromkeys(layouts, has)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_the_first_pass_asks_for_latents_only_through_wrappers():
     """self_conditioning_state passes latents_only=True to a network that has the pass, also inside a DDP-like
     `.module` wrapper, and nothing to one that lacks it (a U-Net, a test double)."""
