@@ -328,6 +328,15 @@ def test_the_sample_command_documents_its_arguments_and_requires_the_weights(pro
         assert exit_.value.code == 2 and f"the following arguments are required: {missing}" in capsys.readouterr().err
 
 
+def test_an_ensembles_fingerprint_hashes_each_experts_weights_in_order(project):
+    run = parse_params(tiny_raw()).run("tiny")
+    a, b = project["a"] / "ema.safetensors", project["b"] / "ema.safetensors"
+    both = sampling_fingerprint(run, [a, b])
+    assert both == sampling_fingerprint(run, [a, b])  # stable
+    assert len({both, sampling_fingerprint(run, [b, a]), sampling_fingerprint(run, [a]),
+                sampling_fingerprint(run, a)}) == 4  # the order of the experts and each one's weights count
+
+
 def test_cost_json_of_a_model_without_patches_has_a_null_patch(tmp_path):
     import json
 
