@@ -348,6 +348,12 @@ def test_cost_json_of_a_model_without_patches_has_a_null_patch(tmp_path):
     assert cost["patch"] is None and cost["model_params"] == sum(p.numel() for p in model.parameters())
 
 
+def test_the_command_says_what_it_wrote(project, tmp_path, capsys):
+    draw(project, tmp_path / "s")
+    out = tmp_path / "s"
+    assert f"wrote {out / 'samples.npz'}, {out / 'grid.png'} and {out / 'cost.json'}" in capsys.readouterr().out
+
+
 def test_num_samples_must_be_at_least_one(project, tmp_path):
     from diffusion.stages import sample as stage
     from diffusion.typed import ConfigError
