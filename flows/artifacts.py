@@ -37,6 +37,7 @@ def artifact_markdown(markdown: str, folder: Path, publish: Callable[[Path, str]
     `where` names `folder` for the reader (e.g. "outputs/report/ of workspace 'claims-cpu'"); `itself`: the file
     `markdown` was read from and its address, for the cards that link back to it."""
     done: dict[Path, str] = {itself[0].resolve(): itself[1]} if itself else {}
+    root = folder.resolve()
 
     def rewrite(text: str, base: Path) -> str:
         budget = [MAX_EMBEDDED_CHARS]  # per artifact: each card is one of its own
@@ -46,7 +47,7 @@ def artifact_markdown(markdown: str, folder: Path, publish: Callable[[Path, str]
             if EXTERNAL.match(target):
                 return m.group(0)
             path = (base / target).resolve()
-            shown = path.relative_to(folder.resolve()).as_posix() if path.is_relative_to(folder.resolve()) else target
+            shown = path.relative_to(root).as_posix() if path.is_relative_to(root) else target
             if not path.is_file():
                 return f"{label} (`{shown}`: not written)" if not bang else f"*{label}: `{shown}` not written*"
             mime = IMAGE_TYPES.get(path.suffix.lower())

@@ -35,7 +35,7 @@ from flows.artifacts import publish_markdown
 from flows.results import result_storage
 from flows.scale import Scale, paper_overrides, smoke_overrides
 from flows.tasks import prepare_workspace, run_stages
-from flows.workspace import read_params, repo_root
+from flows.workspace import read_params, repo_root, workspace_words
 
 RESULTS = "results/claims"  # <RESULTS>/<scale>/arms/<run>.json: the committed records
 CLAIMS_STAGE = "claims"  # the repository's dvc.yaml stage that draws the cpu scale's verdicts
@@ -198,7 +198,7 @@ def reproduce_claims(
     else:
         out = workspace / "outputs" / "claims"
         draw_verdicts(base, workspace_raw, str(records), str(out))
-    where = "the checkout itself" if scale == "cpu" else f"workspace {workspace.name!r} (.flows/workspaces/)"
+    where = workspace_words("repo" if scale == "cpu" else workspace.name)
     publish_markdown(out / "claims.md", f"claims-{scale}", f"the papers' claims at {scale} scale",
                      f"outputs/claims/ of {where}")
     return {"workspace": workspace.name, "claims": chosen, "built": [arm_run_name(a, s) for a, s in build],

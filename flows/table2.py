@@ -17,7 +17,7 @@ from flows.results import result_storage
 from flows.scale import Scale, scale_overrides, table_runs
 from flows.storage import S3Location
 from flows.tasks import dvc_push, prepare_workspace, publish, run_stages
-from flows.workspace import read_params, repo_root, workspace_name
+from flows.workspace import read_params, repo_root, workspace_name, workspace_words
 
 TABLE = "rin_table2"
 
@@ -61,7 +61,7 @@ def report_artifact(report: Path, table: str, scale: str, workspace_name: str) -
     """report.md as a Prefect Markdown artifact, its cards as artifacts it links and its figures embedded
     (flows.artifacts). Its header names the table, the scale and the workspace by name, never by its local path
     (which would show this machine's folders to everyone who reads the Prefect UI)."""
-    where = "the checkout itself" if workspace_name == "repo" else f"workspace {workspace_name!r} (.flows/workspaces/)"
+    where = workspace_words(workspace_name)
     publish_markdown(report, f"{table.replace('_', '-')}-{scale}", f"{table} at {scale} scale, in {where}",
                      f"outputs/report/ of {where}")
 

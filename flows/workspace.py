@@ -49,6 +49,11 @@ def workspace_name(scale: str, extra: Mapping[str, Any]) -> str:
     return f"{scale}-{hashlib.sha256(canonical_json(dict(extra)).encode()).hexdigest()[:8]}"
 
 
+def workspace_words(name: str) -> str:
+    """A workspace as the Prefect UI may name it (never by its local path): "repo" is the checkout itself."""
+    return "the checkout itself" if name == "repo" else f"workspace {name!r} (.flows/workspaces/)"
+
+
 def project_files(repo: Path) -> list[str]:
     """Files git sees in the checkout (tracked and untracked, ignored ones excluded), as relative paths."""
     try:

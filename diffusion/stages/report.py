@@ -1019,8 +1019,9 @@ def write_report(mapping: Mapping[str, ReportRow], run_names: Sequence[str], run
         write_text(out_dir / f"{table.key}.tex", latex_table(narrow_frame(rows, link=False), table.title, table.key))
         note = comparability_note(rows)
         table_md = markdown_table(narrow_frame(rows))
-        if nowrap_width(table_md) > ARTIFACT_PANE_PX:  # e.g. a long run name: the artifact view would scroll it
-            print(f"report: {table.key} is about {nowrap_width(table_md):.0f} px wide unwrapped, more than the Prefect "
+        width = nowrap_width(table_md)
+        if width > ARTIFACT_PANE_PX:  # e.g. a long run name: the artifact view would scroll it
+            print(f"report: {table.key} is about {width:.0f} px wide unwrapped, more than the Prefect "
                   f"artifact pane's {ARTIFACT_PANE_PX}: its right-hand columns will be out of sight there",
                   file=sys.stderr)
         lines += [f"## {table.title}", "", table_md, *below_table(rows),
