@@ -4,6 +4,7 @@ again; sample.use_ema picks the weights; class-conditional samples carry the lab
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +376,275 @@ def test_cost_json_names_the_sampled_networks_size_and_steps(project, tmp_path):
     assert set(cost) == {"model_params", "gflops_per_image", "sampling_steps", "patch"}
     assert cost["model_params"] == params and cost["gflops_per_image"] > 0 and cost["sampling_steps"] == 2
     assert cost["patch"] == list(resolve_model(run).patch)  # the grid evaluate's seam ratio measures
+
+
+# ---- what the stage writes beside the samples: grid.png, the chunk meta, the progress bar ----
+
+
+class Echo(torch.nn.Module):
+    """A denoiser for any data shape that predicts x0 = x_t (clamped): every seed gives its own noise-like image."""
+
+    def forward(self, x_t, gamma, labels=None, state=None):
+        return x_t.clamp(-1, 1), None
+
+
+def echo_run(resolution: int, frames: int = 0, context_frames: int = 0, **sample):
+    """The tiny run at `resolution` (a video of `frames` frames when frames > 0), predicting x0 with 2 DDPM steps."""
+    sample = {"steps": 2} | sample
+    if not frames:
+        raw = tiny_raw(diffusion={"prediction": "x0"}, sample=sample)
+        return parse_params(with_key(raw, "datasets.fashion_mnist.resolution", resolution)).run("tiny")
+    raw = tiny_raw(model={"family": "rin", "preset": "rin_tiny_video", "overrides": {"patch": [2, 1, 1]}},
+                   diffusion={"prediction": "x0", "context_frames": context_frames}, sample=sample)
+    raw["runs"]["tiny"]["dataset"] = "moving_fmnist"
+    raw = with_key(with_key(raw, "datasets.moving_fmnist.resolution", resolution), "datasets.moving_fmnist.frames",
+                   frames)
+    return parse_params(raw).run("tiny")
+
+
+def read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def upscaled(image: np.ndarray, scale: int) -> np.ndarray:
+    """(H, W, 1) -> (H * scale, W * scale), as a nearest-neighbour resize draws it."""
+    return image[..., 0].repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+@pytest.mark.parametrize("resolution,scale", [(32, 3), (64, 1)])  # 96 // width, and never below 1
+def test_grid_png_shows_the_first_64_images_at_about_96_px_a_tile(tmp_path, resolution, scale):
+    from diffusion.images import grid
+
+    run = echo_run(resolution, num_samples=70, batch_size=35)
+    with np.load(generate(run, Echo(), tmp_path, CPU, "fp", progress=False)) as z:
+        images = z["arr_0"]
+    assert images.shape == (70, resolution, resolution, 1)
+    shown = read_png(tmp_path / "grid.png")
+    assert np.array_equal(shown, upscaled(grid(images[:64]), scale))  # an 8 x 8 grid of images 0-63
+
+
+@pytest.mark.parametrize("resolution,scale", [(13, 4), (16, 4), (64, 1)])  # 64 // frame width, never below 1
+def test_a_videos_grid_shows_its_first_8_clips_with_the_context_frames_marked(tmp_path, resolution, scale):
+    """10 clips continuing 3 context clips from sample.seed 1: clip i (seed 1 + i) continues context clip i mod 3, and
+    grid.png shows clips 0-7, a row each, with a bar under the 2 given frames."""
+    from diffusion.images import video_grid
+    from diffusion.stages.sample import assemble
+
+    run = echo_run(resolution, frames=4, context_frames=2, num_samples=10, batch_size=4, seed=1)
+    context = np.random.default_rng(0).integers(0, 256, (3, 2, resolution, resolution, 1), dtype=np.uint8)
+    with np.load(generate(run, Echo(), tmp_path, CPU, "fp", progress=False, context=context)) as z:
+        clips = z["arr_0"]
+    assert clips.shape == (10, 4, resolution, resolution, 1)
+    for i, clip in enumerate(clips):
+        assert np.array_equal(clip[:2], context[i % 3]), f"clip {i} does not continue context clip {i % 3}"
+    marked = video_grid(clips[:8], context_frames=2)
+    assert np.array_equal(read_png(tmp_path / "grid.png"), upscaled(marked, scale))
+    assert marked.shape[0] == video_grid(clips[:8]).shape[0] + 4  # the bar (pad + 2 rows) is there
+    # assemble on its own (a re-assembly of the same chunks) marks no frames unless told how many were given
+    meta = json.loads((tmp_path / "chunks" / "chunk-00000000.json").read_text())
+    assemble(tmp_path, [0, 4, 8], False, meta["fingerprint"])
+    assert np.array_equal(read_png(tmp_path / "grid.png"), upscaled(video_grid(clips[:8]), scale))
+
+
+def test_each_chunks_meta_names_its_seeds_checksum_and_fingerprint(tmp_path):
+    from diffusion.io import sha256_file
+
+    run = echo_run(32, num_samples=6, batch_size=4, seed=10)
+    generate(run, Echo(), tmp_path, CPU, "fp", progress=False)
+    for start, seeds in ((0, [10, 13]), (4, [14, 15])):
+        chunk = tmp_path / "chunks" / f"chunk-{start:08d}.npz"
+        meta = json.loads(chunk.with_suffix(".json").read_text())
+        assert meta["seeds"] == seeds and meta["sha256"] == sha256_file(chunk), start  # first and last seed
+        assert len(meta["fingerprint"]) == 64 and meta["fingerprint"] != "fp"  # the count and context are in it
+
+
+def test_generate_shows_a_progress_bar_unless_told_not_to(tmp_path, capsys):
+    run = echo_run(32, num_samples=6, batch_size=4)
+    generate(run, Echo(), tmp_path / "a", CPU, "fp")
+    shown = capsys.readouterr().err
+    assert "sample tiny (rank 0)" in shown and "2/2" in shown  # one step per chunk of this rank
+    generate(run, Echo(), tmp_path / "b", CPU, "fp", progress=False)
+    assert "sample tiny" not in capsys.readouterr().err
+
+
+def test_a_video_run_without_its_context_clips_is_refused(tmp_path):
+    run = echo_run(16, frames=4, context_frames=2)
+    with pytest.raises(ValueError, match=r"^tiny: diffusion\.context_frames > 0 needs the context clips "
+                                         r"\(generate\.context_clips\)$"):
+        generate(run, Echo(), tmp_path, CPU, "fp", progress=False)
+
+
+def test_assembling_a_missing_chunk_names_it_and_the_fix(tmp_path):
+    from diffusion.stages.sample import assemble
+
+    generate(echo_run(32, num_samples=6, batch_size=4), Echo(), tmp_path, CPU, "fp", progress=False)
+    meta = json.loads((tmp_path / "chunks" / "chunk-00000004.json").read_text())
+    (tmp_path / "chunks" / "chunk-00000004.npz").unlink()
+    with pytest.raises(RuntimeError, match=r"chunk-00000004\.npz is missing or corrupt; re-run the sample stage to "
+                                           r"regenerate it$"):
+        assemble(tmp_path, [0, 4], False, meta["fingerprint"])
+
+
+def _garble(meta: Path) -> None:
+    meta.write_text("{not json")
+
+
+def _drop_fingerprint(meta: Path) -> None:
+    info = json.loads(meta.read_text())
+    del info["fingerprint"]
+    meta.write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("damage", [_garble, _drop_fingerprint, Path.unlink], ids=["garbled", "no-key", "deleted"])
+def test_a_chunk_whose_meta_is_damaged_is_drawn_again(project, tmp_path, damage):
+    out = tmp_path / "s"
+    first = draw(project, out)
+    meta = out / "chunks" / "chunk-00000004.json"
+    good, stamps = meta.read_text(), chunk_stamps(out)
+    damage(meta)
+    again = draw(project, out)
+    assert meta.read_text() == good and chunk_stamps(out)["chunk-00000004.npz"] != stamps["chunk-00000004.npz"]
+    assert chunk_stamps(out)["chunk-00000000.npz"] == stamps["chunk-00000000.npz"]  # the sound chunk is kept
+    assert np.array_equal(again["arr_0"], first["arr_0"])
+
+
+def test_a_one_class_conditional_run_stores_its_labels(tmp_path):
+    raw = tiny_raw(model={"family": "rin", "preset": "rin_tiny", "class_conditional": True},
+                   diffusion={"prediction": "x0"}, sample={"num_samples": 5, "batch_size": 4})
+    run = parse_params(with_key(raw, "datasets.fashion_mnist.num_classes", 1)).run("tiny")
+    with np.load(generate(run, LabelPainter(), tmp_path, CPU, "fp", progress=False)) as z:
+        assert sorted(z.files) == ["arr_0", "arr_1"] and np.array_equal(z["arr_1"], np.zeros(5, dtype=np.int64))
+
+
+# ---- the command on the runs that reach its other paths: video, ensemble, latent; train.compile ----
+
+
+def test_a_video_run_continues_the_test_splits_clips_through_the_command(tmp_path, fashion_mnist):
+    from data.batches import read_split
+    from data.prepare import write_dataset_shards
+
+    raw = tiny_raw(model={"family": "rin", "preset": "rin_tiny_video"}, diffusion={"context_frames": 2},
+                   sample={"steps": 2, "num_samples": 4, "batch_size": 2, "seed": 1})
+    raw["runs"]["tiny"]["dataset"] = "moving_fmnist"
+    for key, value in (("resolution", 32), ("frames", 8), ("max_samples", 3), ("shard_size", 4)):
+        raw = with_key(raw, f"datasets.moving_fmnist.{key}", value)
+    run = parse_params(raw).run("tiny")
+    write_dataset_shards(run.dataset, "moving_fmnist", tmp_path / "shards")
+    test, _ = read_split(run.dataset, tmp_path / "shards", "test")
+    assert len(test) == 3
+    folder = train_folder(tmp_path / "train", random_weights(raw, 1), random_weights(raw, 2))
+    project = {"params": write_params(tmp_path, raw), "a": folder, "shards": tmp_path / "shards"}
+    clips = draw(project, tmp_path / "s")["arr_0"]
+    assert clips.shape == (4, 8, 32, 32, 1)
+    for i, clip in enumerate(clips):  # sample i has seed 1 + i and continues test clip i mod 3
+        assert np.array_equal(clip[:2], test[i % 3, :2]), i
+
+
+def ensemble_raw() -> dict:
+    """The tiny run beside a two-expert ensemble `pair` of tiny U-Nets (experts pair_e1, pair_e2)."""
+    raw = tiny_raw()
+    net = {"family": "meme", "preset": "unet_tiny"}
+    common = {"dataset": "fashion_mnist", "diffusion": {"prediction": "v"}}
+    raw["experts"] = {f"pair_e{i}": common | {"model": net, "train": {
+        "self_cond_rate": 0.0, "precision": "fp32", "expert": {"index": i, "count": 2, "p": p}}}
+        for i, p in ((1, 0.8), (2, 0.4))}
+    raw["ensembles"] = {"pair": common | {"model": {"family": "meme", "preset": "multi_expert",
+                                                    "experts": ["pair_e1", "pair_e2"]},
+                                          "train": {"self_cond_rate": 0.0, "precision": "fp32"}, "eval": {},
+                                          "sample": {"steps": 2, "num_samples": 6, "batch_size": 4}}}
+    return raw
+
+
+def perturbed(run, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = build_model(run)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.state_dict()
+
+
+def test_an_ensemble_is_drawn_again_when_any_experts_weights_change(tmp_path):
+    raw = ensemble_raw()
+    params = parse_params(raw)
+    e1, e2 = (params.run(f"pair_e{i}") for i in (1, 2))
+    folders = {"e1": train_folder(tmp_path / "e1", perturbed(e1, 1), perturbed(e1, 2)),
+               "e2": train_folder(tmp_path / "e2", perturbed(e2, 3), perturbed(e2, 4)),
+               "e2_new": train_folder(tmp_path / "e2_new", perturbed(e2, 5), perturbed(e2, 6))}
+    path = write_params(tmp_path, raw)
+
+    def ensemble(out: Path, second: str) -> np.ndarray:
+        argv = ["--params", str(path), "sample", "pair", "--weights", str(folders["e1"]), str(folders[second]),
+                "--shards", str(tmp_path), "--out", str(out), "--device", "cpu"]
+        assert cli.main(argv) == 0
+        with np.load(out / "samples.npz") as z:
+            return z["arr_0"]
+
+    old = ensemble(tmp_path / "s", "e2")
+    stamps = chunk_stamps(tmp_path / "s")
+    new = ensemble(tmp_path / "s", "e2_new")  # the same folder, the second expert retrained
+    assert not any(chunk_stamps(tmp_path / "s")[k] == v for k, v in stamps.items()), "a chunk of old experts was kept"
+    assert not np.array_equal(old, new)
+    assert np.array_equal(new, ensemble(tmp_path / "fresh", "e2_new"))
+
+
+def test_a_latent_runs_samples_are_decoded_and_drawn_again_for_a_new_autoencoder(tmp_path):
+    from diffusion import registry
+    from diffusion.checkpoint import AUTOENCODER_FILE, first_stage
+    from tests.meme.test_autoencoder import latent_params
+
+    raw = latent_params(tmp_path)
+    params = parse_params(raw)
+    run = params.run("latent")
+    latent = tmp_path / "latent"
+    latent.mkdir()
+
+    def autoencoder(seed: int) -> None:
+        torch.manual_seed(seed)
+        model = registry.build_autoencoder(params.autoencoders["fmnist_f4"], 1)
+        save_weights(model.state_dict(), latent / AUTOENCODER_FILE, {"latent_scale": "0.7"})
+
+    folder = train_folder(tmp_path / "train", perturbed(run, 1), perturbed(run, 2))
+    path = write_params(tmp_path, raw)
+
+    def draw_latent(out: Path) -> np.ndarray:
+        argv = ["--params", str(path), "sample", "latent", "--weights", str(folder), "--shards", str(latent),
+                "--out", str(out), "--device", "cpu"]
+        assert cli.main(argv) == 0
+        with np.load(out / "samples.npz") as z:
+            return z["arr_0"]
+
+    autoencoder(0)
+    images = draw_latent(tmp_path / "s")
+    assert images.shape == (5, 32, 32, 1) and images.dtype == np.uint8  # decoded: the dataset's images
+    decoder = first_stage(run, latent, "cpu")
+    model = build_model(run)
+    model.load_state_dict(perturbed(run, 2))  # sample.use_ema: the EMA weights
+    by_hand = generate(run, model.eval(), tmp_path / "by-hand", CPU, "fp", progress=False, decode=decoder.decode)
+    with np.load(by_hand) as z:
+        assert np.array_equal(z["arr_0"], images), "the command's samples are not the decoded latents"
+    stamps = chunk_stamps(tmp_path / "s")
+    autoencoder(1)  # a retrained autoencoder: the same latents decode to other images
+    again = draw_latent(tmp_path / "s")
+    assert not any(chunk_stamps(tmp_path / "s")[k] == v for k, v in stamps.items()), "chunks of the old decoder kept"
+    assert not np.array_equal(again, images)
+
+
+@pytest.mark.parametrize("setting,compiled", [("on", True), ("off", False), ("auto", False)])  # auto: CUDA only
+def test_train_compile_decides_whether_the_sampled_network_is_compiled(project, tmp_path, monkeypatch, setting,
+                                                                       compiled):
+    calls = []
+
+    def compile_spy(model, *args, **kwargs):  # stands in for inductor (minutes on a CPU); records what it was given
+        calls.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    params = write_params(tmp_path / setting, tiny_raw(train={"compile": setting}))
+    draw(project, tmp_path / "s", params)
+    assert len(calls) == int(compiled)
+    if compiled:
+        assert isinstance(calls[0], torch.nn.Module) and not calls[0].training  # the loaded network, in eval mode
