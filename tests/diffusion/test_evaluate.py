@@ -292,6 +292,30 @@ def test_the_train_stage_logs_a_proxy_kid_curve_against_the_cached_references(st
     assert [line.split("\t")[col] for line in tsv[1:]] == ["2", "4"]
 
 
+def test_the_proxy_curve_leaves_the_training_unchanged(stage: dict[str, Path], tmp_path):
+    """The claims compare arms with a proxy curve (rin) and without: drawing and scoring the proxy's EMA samples
+    must not move the training's random draws or weights. Same run with and without train.proxy: the same weights,
+    EMA and losses, bit for bit."""
+    from safetensors.torch import load_file
+
+    with_proxy = proxy_params(stage)
+    raw = yaml.safe_load(with_proxy.read_text())
+    raw["runs"]["tiny"]["train"]["proxy"] = None
+    without = stage["root"] / "no_proxy_params.yaml"
+    without.write_text(yaml.safe_dump(raw))
+    for params, out in ((with_proxy, tmp_path / "proxy"), (without, tmp_path / "plain")):
+        argv = ["--params", str(params), "train", "tiny", "--shards", str(stage["shards"]), "--out", str(out),
+                "--device", "cpu", "--refstats", str(stage["refstats"])]
+        assert cli.main(argv) == 0
+    assert len(json.loads((tmp_path / "proxy" / "train_log.json").read_text())["proxy"]) == 2  # the proxy ran
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(str(tmp_path / run / name)) for run in ("proxy", "plain"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    losses = [[row["loss"] for row in json.loads((tmp_path / run / "train_log.json").read_text())["history"]]
+              for run in ("proxy", "plain")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
 def test_a_proxy_is_refused_where_it_cannot_mean_anything(stage: dict[str, Path]) -> None:
     raw = yaml.safe_load(proxy_params(stage).read_text())
     raw["runs"]["tiny"]["diffusion"] = {"context_frames": 2}
