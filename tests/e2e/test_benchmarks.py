@@ -77,3 +77,27 @@ def test_a_quality_ab_sampler_variant_sets_only_its_keys():
         with_sample_settings(run, {"sample.samplr": "ddim"})
     with pytest.raises(ConfigError, match=r"runs\.rin_fmnist\.sample\.steps"):
         with_sample_settings(run, {"steps": 0})
+
+
+def test_a_mutation_pass_by_name_carries_the_rest_from_the_last_full_pass(tmp_path):
+    """benchmarks/mutation_score.py --carry: mutants not run now count as they ended in an earlier full pass
+    (survivor or equivalent: surviving; else killed); a partial earlier pass carries nothing."""
+    from benchmarks.mutation_score import carried_survivors, module_results
+
+    meta = tmp_path / "mutants" / "diffusion" / "m.py.meta"
+    meta.parent.mkdir(parents=True)
+    names = [f"diffusion.m.x_f__mutmut_{i}" for i in range(1, 7)]
+    codes = {names[0]: 1, names[1]: 0} | {n: None for n in names[2:]}  # 1, 2 run now: killed, survived
+    meta.write_text(json.dumps({"exit_code_by_key": codes}))
+    full = {"modules": {"diffusion/m.py": {"not_checked": 0, "survivors": [names[2]]}}}
+    partial = {"modules": {"diffusion/m.py": {"not_checked": 3, "survivors": []}}}
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    equivalent = {names[3]: "why"}
+    r = module_results(tmp_path / "mutants", equivalent, carried_survivors([tmp_path / "full.json"], equivalent))
+    got = r["diffusion/m.py"]
+    assert (got["killed"], got["survived"], got["not_checked"], got["carried"]) == (3, 3, 0, 4)
+    assert got["survivors"] == [names[1], names[2]] and got["equivalent"] == 1  # 4 equivalent, 5 and 6 killed
+    assert got["score"] == 0.5 and got["score_without_equivalent"] == 0.6
+    r = module_results(tmp_path / "mutants", equivalent, carried_survivors([tmp_path / "partial.json"], equivalent))
+    assert (r["diffusion/m.py"]["not_checked"], r["diffusion/m.py"]["carried"]) == (4, 0)
