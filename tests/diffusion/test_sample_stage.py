@@ -47,15 +47,19 @@ def write_params(folder: Path, raw: dict) -> Path:
     return path
 
 
-def random_weights(raw: dict, seed: int) -> dict[str, torch.Tensor]:
+def perturbed(run, seed: int) -> dict[str, torch.Tensor]:
     """A state dict of the run's network, every tensor drawn from `seed` (large enough to change the samples)."""
-    run = parse_params(raw).run("tiny")
     torch.manual_seed(seed)
     model = build_model(run)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return model.state_dict()
+
+
+def random_weights(raw: dict, seed: int) -> dict[str, torch.Tensor]:
+    """perturbed() weights of the tiny run of `raw`."""
+    return perturbed(parse_params(raw).run("tiny"), seed)
 
 
 def train_folder(folder: Path, model: dict, ema: dict) -> Path:
@@ -556,15 +560,6 @@ def ensemble_raw() -> dict:
                                           "train": {"self_cond_rate": 0.0, "precision": "fp32"}, "eval": {},
                                           "sample": {"steps": 2, "num_samples": 6, "batch_size": 4}}}
     return raw
-
-
-def perturbed(run, seed: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    model = build_model(run)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model.state_dict()
 
 
 def test_an_ensemble_is_drawn_again_when_any_experts_weights_change(tmp_path):
