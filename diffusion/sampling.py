@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -45,12 +46,17 @@ def step_ddim(x0: Tensor, eps: Tensor, g_now: Tensor, g_next: Tensor, noise: Ten
     return _bcast(g_next.sqrt(), x0) * x0 + _bcast(direction, x0) * eps + _bcast(var.sqrt(), x0) * noise
 
 
+# The label stream's tag: image i's class comes from numpy's SeedSequence([seeds[i], LABEL_STREAM]), a stream apart
+# from the torch generator seeded with seeds[i] that makes its noise. (An offset such as seed + 2^40 would not do:
+# torch's CPU generator keeps only the low 32 bits of a seed, so it would replay the noise stream's first draw.)
+LABEL_STREAM = 0x1ABE1
+
+
 def sample_labels(seeds: Sequence[int], num_classes: int) -> Tensor | None:
     """Class of image i: drawn from its own seed, so labels are balanced in expectation and batch-independent."""
     if not num_classes:
         return None
-    return torch.tensor([int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(s + (1 << 40))))
-                         for s in seeds])
+    return torch.tensor([int(np.random.default_rng([int(s), LABEL_STREAM]).integers(num_classes)) for s in seeds])
 
 
 @torch.no_grad()
