@@ -6,6 +6,7 @@ so the attention matmuls appear as bmm calls (the fused CPU kernel has no FLOP f
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -98,9 +99,14 @@ def step_cost(build: Callable[[], nn.Module], data_shape: tuple[int, ...], chann
 
 
 def run_cost(run: RunConfig) -> StepCost:
-    """`step_cost` of a run's model (counted on the meta device)."""
-    cfg = registry.resolve_model(run)
-    return step_cost(lambda: registry.build(run.model.family, cfg), cfg.data_shape, cfg.channels, cfg.num_classes)
+    """`step_cost` of a run's model (counted on the meta device; once per model configuration in a process: an
+    ensemble and its experts, or the report's rows, share the count)."""
+    return _model_cost(run.model.family, registry.resolve_model(run))
+
+
+@functools.lru_cache(maxsize=256)
+def _model_cost(family: str, cfg) -> StepCost:
+    return step_cost(lambda: registry.build(family, cfg), cfg.data_shape, cfg.channels, cfg.num_classes)
 
 
 def train_flops_per_example(run: RunConfig, cost: StepCost | None = None) -> int:

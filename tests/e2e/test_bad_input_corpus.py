@@ -21,7 +21,8 @@ from diffusion import cli
 
 REPO = Path(__file__).resolve().parents[2]
 BAD_VALUES = ("x", "", None, [], [1, "a"], {}, {"k": 1}, -1, 0, 1e12, 2**70, -0.5, True, 3.5)
-CASES = 60  # hypothesis examples; each runs every command below
+CASES = 20  # hypothesis examples in the default suite; each runs every command below
+CASES_SLOW = 200  # the same corpus, larger (`pytest -m slow`)
 
 
 def base_params(empty: Path) -> dict:
@@ -105,10 +106,7 @@ def corpus_root(tmp_path_factory) -> Path:
     return root
 
 
-@settings(max_examples=CASES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data())
-def test_malformed_params_never_give_a_traceback_and_lose_nothing(corpus_root: Path, data, capsys):
+def check_one_case(corpus_root: Path, data, capsys) -> None:
     raw = base_params(corpus_root / "empty")
     path = data.draw(st.sampled_from(leaf_paths(raw)), label="key")
     op = data.draw(st.sampled_from(["delete", "set", "set", "duplicate", "unknown"]), label="op")
@@ -125,3 +123,20 @@ def test_malformed_params_never_give_a_traceback_and_lose_nothing(corpus_root: P
         after = snapshot(corpus_root)
         changed = [k for k, v in before.items() if after.get(k) != v and not k.startswith("out/")]
         assert not changed, (argv[2], changed)
+
+
+SETTINGS = dict(deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@settings(max_examples=CASES, **SETTINGS)
+@given(data=st.data())
+def test_malformed_params_never_give_a_traceback_and_lose_nothing(corpus_root: Path, data, capsys):
+    check_one_case(corpus_root, data, capsys)
+
+
+@pytest.mark.slow
+@settings(max_examples=CASES_SLOW, **SETTINGS)
+@given(data=st.data())
+def test_a_larger_corpus_of_malformed_params_never_gives_a_traceback(corpus_root: Path, data, capsys):
+    check_one_case(corpus_root, data, capsys)
