@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from diffusion import cli as entry
 from diffusion.config import ConfigError, ScheduleConfig, parse_params
 from diffusion.objectives import NoiseDraw, diffusion_loss, q_sample, target
 from diffusion.sampling import sample
@@ -156,9 +157,7 @@ def test_tiny_video_run_goes_through_every_stage(tmp_path):
     params = _video_params(tmp_path, tmp_path / "mnist")
     shards, train, samples = tmp_path / "shards", tmp_path / "train", tmp_path / "samples"
 
-    def cli(*args: str) -> None:  # in this process: the same entry point as `python -m diffusion.cli`, less imports
-        from diffusion import cli as entry
-
+    def cli(*args: str) -> None:  # in this process: the entry point of `python -m diffusion.cli`, without its start-up
         assert entry.main(["--params", str(params), *args]) == 0, args
 
     cli("shard", "--dataset", "moving_tiny", "--out", str(shards))

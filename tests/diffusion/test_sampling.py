@@ -238,8 +238,8 @@ def test_the_labels_of_a_class_conditional_draw_are_pinned_and_apart_from_the_no
     assert sample_labels(list(range(20)), 10).tolist() == [9, 6, 1, 6, 5, 6, 6, 1, 1, 5, 9, 0, 0, 2, 7, 1, 2, 9, 7, 1]
     seeds = list(range(2000))
     labels = sample_labels(seeds, 10)
-    first_noise_draw = [int(torch.randint(10, (1,), generator=torch.Generator().manual_seed(s))) for s in seeds]
-    noise_stream = torch.tensor(first_noise_draw)
+    noise_stream = torch.tensor([int(torch.randint(10, (1,), generator=torch.Generator().manual_seed(s)))
+                                 for s in seeds])  # each image's first noise draw
     assert (labels == noise_stream).float().mean() < 0.15  # independent streams agree 1 time in 10
     assert torch.bincount(labels, minlength=10).min() > 150  # 200 expected per class
     assert sample_labels([7, 3], 10).tolist() == sample_labels([3, 7], 10).flip(0).tolist()  # batch-independent
