@@ -99,8 +99,8 @@ def step_cost(build: Callable[[], nn.Module], data_shape: tuple[int, ...], chann
 
 
 def run_cost(run: RunConfig) -> StepCost:
-    """`step_cost` of a run's model (counted on the meta device; once per model configuration in a process: an
-    ensemble and its experts, or the report's rows, share the count)."""
+    """`step_cost` of a run's model (counted on the meta device, once per model configuration in a process: the plan
+    of an ensemble and those of its experts share the count)."""
     return _model_cost(run.model.family, registry.resolve_model(run))
 
 
