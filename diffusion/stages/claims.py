@@ -182,6 +182,7 @@ def plot_claim(res: Mapping[str, Any], path: Path) -> bool:
     proxy KID against counted training PFLOP and against training minutes. False when no arm is built."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     if not res["arms"]:
         return False
@@ -219,6 +220,10 @@ def plot_claim(res: Mapping[str, Any], path: Path) -> bool:
         for axis in axes[1:]:
             axis.set_ylabel(proxy)
             axis.set_xscale("log")
+            # 1-2-5 ticks in plain numbers: the default log labels of a sub-decade range overlap
+            axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.xaxis.set_minor_formatter(NullFormatter())
             axis.grid(alpha=0.3)
         axes[1].legend(fontsize="x-small")
     fig.tight_layout()
